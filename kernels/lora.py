@@ -1,0 +1,192 @@
+"""LoRA kernels.
+
+Forward   y  = x W^T + b + g * s * (drop(x) A^T) B^T          (g: gate per row, s: scaling)
+Backward  (W frozen; S = drop(x) A^T is saved, [T, r] fp32)
+          dYB = dY B                                          [T, r]   -- rank r
+          dB  = (g s dY)^T S                                  [out, r] -- reduce over T
+          dS  = g s dYB                                       [T, r]
+          dA  = dS^T drop(x)                                  [r, in]  -- reduce over T
+          dx  = dY W + drop'(dS A)                            [T, in]
+          dg  = s * rowsum(dYB * S)                           [T]
+
+Two kernels cover all of it:
+* ``lora_gemm_kernel``: out = X @ W (+ bias) + scale * rowscale * keep * (S @ E).
+  Forward: X = x, W = weight^T, S = drop(x) A^T, E = B^T, rowscale = gate.
+  Backward dx: X = dY, W = weight, S = dS, E = A, keep = the forward's dropout mask.
+  The rank-r term enters the same fp32 accumulator: no extra pass over [T, out].
+* ``lora_skinny_kernel``: one pass over a [M, N] matrix X (x or dY) computing
+  P1 = drop(X) @ E   ([M, r], partial over column splits) and/or
+  P2 = drop(X)^T @ F ([N, r], partial per row block).
+  Forward S: X = x, E = A^T.  Backward: X = dY, E = B -> dYB, F = g s S -> dB (one pass
+  over dY).  dA: X = x with the dropout mask, F = dS.
+Partials are summed on the host in a fixed order: no atomics, repeatable results.
+
+Dropout: keep(m, n) = rand(seed, m * n_cols + n) >= p, scaled by 1 / (1 - p); the same
+(seed, row, column) gives the same mask in every kernel, so nothing [T, in] is stored.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dropout(tile, rows, cols, n_cols, seed, p, inv_keep):
+    """Inverted dropout on a tile whose elements sit at (rows, cols) of a [*, n_cols] matrix."""
+    offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    keep = tl.rand(seed, offs) >= p
+    return tl.where(keep, tile * inv_keep, 0.0)
+
+
+@triton.jit
+def lora_gemm_kernel(
+    x_ptr, w_ptr, bias_ptr, s_ptr, e_ptr, rowscale_ptr, out_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_sm, stride_sr,
+    stride_er, stride_en, stride_om, stride_on,
+    scale, seed, p, inv_keep,
+    HAS_BIAS: tl.constexpr, HAS_ROWSCALE: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, EPI_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped tile order: GROUP_M row blocks share each column block of W while in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
+    pid_n = (pid % (GROUP_M * num_n)) // group_size
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # Rows / columns past the edge are wrapped (their results are masked at the store),
+    # so the main loop only masks K.
+    rm_in = (rm % M).to(tl.int64)
+    rn_in = rn % N
+    x_ptrs = x_ptr + rm_in[:, None] * stride_xm + rk[None, :] * stride_xk
+    w_ptrs = w_ptr + rk[:, None] * stride_wk + rn_in[None, :].to(tl.int64) * stride_wn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
+        b = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    # Epilogue: the rank-r term, S [BLOCK_M, r] @ E [r, BLOCK_N], r padded to BLOCK_R >= 16.
+    rr = tl.arange(0, BLOCK_R)
+    s = tl.load(s_ptr + rm_in[:, None] * stride_sm + rr[None, :] * stride_sr,
+                mask=rr[None, :] < R, other=0.0).to(tl.float32)
+    e = tl.load(e_ptr + rr[:, None] * stride_er + rn_in[None, :].to(tl.int64) * stride_en,
+                mask=rr[:, None] < R, other=0.0).to(tl.float32)
+    low = tl.dot(s, e, input_precision=EPI_PRECISION) * scale
+    if HAS_ROWSCALE:
+        low = low * tl.load(rowscale_ptr + rm_in).to(tl.float32)[:, None]
+    if DROPOUT:
+        low = _dropout(low, rm_in, rn, N, seed, p, inv_keep)
+    acc += low
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
+
+    out_ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def lora_skinny_kernel(
+    x_ptr, e_ptr, f_ptr, p1_ptr, p2_ptr,
+    M, N, R, n_per_split,
+    stride_xm, stride_xn, stride_en, stride_er, stride_fm, stride_fr,
+    seed, p, inv_keep,
+    DO_P1: tl.constexpr, DO_P2: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # Program (pid_m, pid_s) reads rows [pid_m * BLOCK_M, +BLOCK_M) and the columns of
+    # split pid_s of X once, and writes
+    #   p1[pid_s, rows, :]   = drop(X)[rows, split] @ E[split, :]      (sum over splits = P1)
+    #   p2[pid_m, cols, :]   = drop(X)[rows, cols]^T @ F[rows, :]      (sum over pid_m = P2)
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    m_ok = rm < M
+    rm64 = rm.to(tl.int64)
+
+    if DO_P2:
+        f = tl.load(f_ptr + rm64[:, None] * stride_fm + rr[None, :] * stride_fr,
+                    mask=m_ok[:, None] & (rr[None, :] < R), other=0.0)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    n_start = pid_s * n_per_split
+    n_stop = tl.minimum(n_start + n_per_split, N)
+    for n0 in range(n_start, n_stop, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        n_ok = rn < n_stop
+        xt = tl.load(x_ptr + rm64[:, None] * stride_xm + rn[None, :] * stride_xn,
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        if DROPOUT:
+            xt = _dropout(xt.to(tl.float32), rm, rn, N, seed, p, inv_keep).to(xt.dtype)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+        if DO_P1:
+            e = tl.load(e_ptr + rn[:, None] * stride_en + rr[None, :] * stride_er,
+                        mask=n_ok[:, None] & (rr[None, :] < R), other=0.0)
+            acc1 = tl.dot(xt, e.to(xt.dtype), acc1, input_precision=PRECISION)
+        if DO_P2:
+            part = tl.dot(tl.trans(xt), f.to(xt.dtype), input_precision=PRECISION)
+            p2_ptrs = p2_ptr + (pid_m * N + rn).to(tl.int64)[:, None] * R + rr[None, :]
+            tl.store(p2_ptrs, part, mask=n_ok[:, None] & (rr[None, :] < R))
+    if DO_P1:
+        p1_ptrs = p1_ptr + (pid_s * M + rm64)[:, None] * R + rr[None, :]
+        tl.store(p1_ptrs, acc1, mask=m_ok[:, None] & (rr[None, :] < R))
+
+
+def gemm_config(M, N, K, interpret):
+    """Launch config for ``lora_gemm_kernel`` (a heuristics table by row count).
+
+    GPU values follow the usual Hopper bf16 choices (128x256x64 tiles, 8 warps, 3 stages
+    for large M; narrow row tiles for decode). Not yet tuned on a lent GPU.
+    """
+    if interpret:  # few, large programs: the interpreter's cost is per program and op
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)
+    if M <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+    if M <= 256:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def skinny_config(M, N, want_programs, interpret):
+    """Launch config for ``lora_skinny_kernel``: tile sizes and the number of column
+    splits (enough programs to fill the GPU when M is small)."""
+    if interpret:
+        block_m, block_n = 32, 64
+    elif M <= 16:
+        block_m, block_n = 16, 256
+    else:
+        block_m, block_n = 64, 128
+    m_blocks = triton.cdiv(M, block_m)
+    n_blocks = triton.cdiv(N, block_n)
+    splits = 1 if interpret else max(1, min(n_blocks, want_programs // max(m_blocks, 1)))
+    n_per_split = triton.cdiv(n_blocks, splits) * block_n
+    splits = triton.cdiv(N, n_per_split)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, splits=splits, n_per_split=n_per_split,
+                num_warps=4, num_stages=3)
+
+
+@triton.jit
+def dropout_mask_kernel(out_ptr, M, N, seed, p, inv_keep, BLOCK: tl.constexpr):
+    """Writes the 0/1 keep mask ``_dropout`` applies over a [M, N] matrix (tests read it)."""
+    rm = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rn = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ones = tl.full((BLOCK, BLOCK), 1.0, tl.float32)
+    keep = _dropout(ones, rm, rn, N, seed, p, inv_keep) != 0.0
+    tl.store(out_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], keep.to(tl.float32),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))

@@ -1,0 +1,16 @@
+"""peftops: fused Triton kernels for parameter-efficient fine-tuning.
+
+Ops (functional, autograd-aware) and drop-in modules; every op equals the plain-PyTorch
+formula in ``peftops.reference``. Dispatch: ``PEFTOPS_BACKEND`` = auto | triton | reference.
+"""
+from ._dispatch import backend, dispatch_counts, reset_dispatch_counts
+from .ops.lora import lora_linear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "backend",
+    "dispatch_counts",
+    "reset_dispatch_counts",
+    "lora_linear",
+]

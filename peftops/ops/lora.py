@@ -1,0 +1,222 @@
+"""LoRA: ``peftops.lora_linear`` -- checks, dispatch, autograd, launchers.
+
+    y = x W^T + b + gate * scaling * (drop(x) A^T) B^T
+
+Forward: one skinny pass S = drop(x) A^T ([T, r], fp32, saved), then one GEMM whose
+epilogue adds gate * scaling * S B^T to the same accumulator.
+Backward (algebra beside each launch in ``_lora_bwd``): one pass over dY gives dY B and dB;
+one pass over x gives dA; one GEMM gives dx = dY W + drop'(dS A). Every intermediate is
+rank r; the dropout mask is regenerated from the seed, never stored.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _checks, reference
+from .._dispatch import record_launch, use_triton
+from .._launch import dot_precision, empty, kernels, new_seed, next_pow2, num_sms, rows, upcast_dots
+
+__all__ = ["lora_linear"]
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    *,
+    dropout_p: float = 0.0,
+    gate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = x W^T + b + gate * scaling * (dropout(x) A^T) B^T``.
+
+    x ``[..., in]``; weight ``[out, in]``; bias ``[out]`` or None; lora_A ``[r, in]``;
+    lora_B ``[out, r]``; scaling a Python float; gate None or broadcastable to
+    ``y[..., :1]`` (per token ``[..., 1]`` or per sample ``[B, 1, 1]``). Dropout
+    (``dropout_p > 0``) acts on the LoRA branch only; its mask is drawn from torch's
+    generator as a seed and regenerated in backward.
+    """
+    scaling, dropout_p = _check(x, weight, bias, lora_A, lora_B, scaling, dropout_p, gate)
+    unsupported = "float64" if x.dtype == torch.float64 else None
+    if not use_triton("lora", x, weight, bias, lora_A, lora_B, gate, unsupported=unsupported):
+        return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p, gate=gate)
+    seed = new_seed() if dropout_p > 0.0 else None
+    return _LoraLinearFn.apply(x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed)
+
+
+def _check(x, weight, bias, lora_A, lora_B, scaling, dropout_p, gate):
+    _checks.tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dim [..., in], got shape {tuple(x.shape)}")
+    _checks.tensor("weight", weight, ndim=2)
+    _checks.tensor("bias", bias, ndim=1, optional=True)
+    _checks.tensor("lora_A", lora_A, ndim=2)
+    _checks.tensor("lora_B", lora_B, ndim=2)
+    out_f, in_f = weight.shape
+    r = lora_A.shape[0]
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x has {x.shape[-1]} features (shape {tuple(x.shape)}) but weight {tuple(weight.shape)} expects {in_f}")
+    if bias is not None and bias.shape[0] != out_f:
+        raise ValueError(f"bias has shape {tuple(bias.shape)} but weight {tuple(weight.shape)} has {out_f} outputs")
+    if r == 0:
+        raise ValueError(f"lora_A has rank r = 0 (shape {tuple(lora_A.shape)}): r must be >= 1")
+    if lora_A.shape[1] != in_f:
+        raise ValueError(f"lora_A has shape {tuple(lora_A.shape)} but weight {tuple(weight.shape)} needs [r, {in_f}]")
+    if tuple(lora_B.shape) != (out_f, r):
+        raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}, expected [{out_f}, {r}] for weight {tuple(weight.shape)} and lora_A {tuple(lora_A.shape)}")
+    _checks.same_dtype("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    _checks.same_device("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    _checks.gate("gate", gate, (*x.shape[:-1], 1), x)
+    return _checks.finite_scalar("scaling", scaling), _checks.probability("dropout_p", dropout_p)
+
+
+class _LoraLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed):
+        lead = x.shape[:-1]
+        x2 = rows(x)
+        g = None if gate is None else gate.detach().expand(*lead, 1).reshape(-1).float().contiguous()
+        y2, s = lora_fwd(x2, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed)
+        ctx.save_for_backward(x2, weight, lora_A, lora_B, s, g, seed)
+        ctx.scaling, ctx.dropout_p, ctx.lead = scaling, dropout_p, lead
+        ctx.gate_shape = None if gate is None else gate.shape
+        ctx.gate_dtype = None if gate is None else gate.dtype
+        return y2.view(*lead, weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, lora_A, lora_B, s, g, seed = ctx.saved_tensors
+        need_x, need_w, need_b, need_a, need_bb, need_g = ctx.needs_input_grad[:6]
+        dy2 = rows(dy)
+        dx2, d_a, d_b, dg = lora_bwd(dy2, x2, weight, lora_A, lora_B, s, g, ctx.scaling, ctx.dropout_p, seed, need_x)
+        dx = dx2.view(*ctx.lead, x2.shape[1]) if need_x else None
+        # A trainable base: dW = dY^T x (no dropout on the base branch), db = sum_t dY.
+        dw = (dy2.t() @ x2).to(weight.dtype) if need_w else None
+        db = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if need_b else None
+        dgate = None
+        if need_g:
+            dgate = dg.view(*ctx.lead, 1).sum_to_size(ctx.gate_shape).to(ctx.gate_dtype)
+        return dx, dw, db, (d_a if need_a else None), (d_b if need_bb else None), dgate, None, None, None
+
+
+# ------------------------------------------------------------------------ launchers
+def _skinny(x, e=None, f=None, *, seed=None, p=0.0):
+    """One pass over ``x [M, N]``: ``P1 = drop(x) @ e`` (e ``[N, r]``) and/or
+    ``P2 = drop(x)^T @ f`` (f ``[M, r]``), both fp32; partials summed here in fixed order."""
+    k = kernels("lora")
+    M, N = x.shape
+    R = (e if e is not None else f).shape[1]
+    interpret = x.device.type != "cuda"
+    cfg = k.skinny_config(M, N, 2 * num_sms(x.device), interpret)
+    m_blocks, splits = -(-M // cfg["BLOCK_M"]), cfg["splits"]
+    p1 = empty((splits, M, R), torch.float32, x.device) if e is not None else None
+    p2 = empty((m_blocks, N, R), torch.float32, x.device) if f is not None else None
+    dummy = p1 if p1 is not None else p2
+    k.lora_skinny_kernel[(m_blocks, splits)](
+        x, e if e is not None else dummy, f if f is not None else dummy,
+        p1 if p1 is not None else dummy, p2 if p2 is not None else dummy,
+        M, N, R, cfg["n_per_split"],
+        x.stride(0), x.stride(1),
+        *(e.stride() if e is not None else (0, 0)), *(f.stride() if f is not None else (0, 0)),
+        int(seed) if seed is not None else 0, p, 1.0 / (1.0 - p),
+        DO_P1=e is not None, DO_P2=f is not None, DROPOUT=seed is not None,
+        UPCAST=upcast_dots(x.dtype), PRECISION=dot_precision(x.dtype),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=next_pow2(R),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    record_launch("lora_skinny")
+    return (p1.sum(0) if p1 is not None else None), (p2.sum(0) if p2 is not None else None)
+
+
+def _gemm(x, w, bias, s, e, rowscale, scale, out_dtype, *, seed=None, p=0.0):
+    """``out = x @ w + bias + scale * rowscale * drop(s @ e)``; x ``[M, K]``, w ``[K, N]``,
+    s ``[M, r]``, e ``[r, N]`` (any strides)."""
+    k = kernels("lora")
+    M, K = x.shape
+    N = w.shape[1]
+    R = s.shape[1]
+    out = empty((M, N), out_dtype, x.device)
+    cfg = k.gemm_config(M, N, K, x.device.type != "cuda")
+    grid = (-(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"]),)
+    epi = "tf32" if x.dtype != torch.float32 else dot_precision(x.dtype)
+    k.lora_gemm_kernel[grid](
+        x, w, bias if bias is not None else out, s, e, rowscale if rowscale is not None else s, out,
+        M, N, K, R,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
+        e.stride(0), e.stride(1), out.stride(0), out.stride(1),
+        scale, int(seed) if seed is not None else 0, p, 1.0 / (1.0 - p),
+        HAS_BIAS=bias is not None, HAS_ROWSCALE=rowscale is not None, DROPOUT=seed is not None,
+        UPCAST=upcast_dots(x.dtype), PRECISION=dot_precision(x.dtype), EPI_PRECISION=epi,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_R=next_pow2(R), GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    record_launch("lora_gemm")
+    return out
+
+
+@torch.library.custom_op("peftops::lora_fwd", mutates_args=())
+def lora_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+    lora_B: torch.Tensor, gate: torch.Tensor | None, scaling: float, dropout_p: float,
+    seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward on 2-D x: returns (y [T, out], S = drop(x) A^T [T, r] fp32)."""
+    T, r = x.shape[0], lora_A.shape[0]
+    if T == 0:
+        return x.new_empty((0, weight.shape[0])), x.new_empty((0, r), dtype=torch.float32)
+    seed_v = None if seed is None else int(seed.item())
+    s, _ = _skinny(x, e=lora_A.t(), seed=seed_v, p=dropout_p)                    # S = drop(x) A^T
+    y = _gemm(x, weight.t(), bias, s, lora_B.t(), gate, scaling, x.dtype)        # y = x W^T + b + g s S B^T
+    return y, s
+
+
+@lora_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("peftops::lora_bwd", mutates_args=())
+def lora_bwd(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+    s: torch.Tensor, gate: torch.Tensor | None, scaling: float, dropout_p: float,
+    seed: torch.Tensor | None, need_dx: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused backward with W frozen: (dx or an empty tensor, dA, dB, dgate per row [T] fp32)."""
+    T, r = x.shape[0], lora_A.shape[0]
+    if T == 0:
+        dx = x.new_zeros(x.shape) if need_dx else x.new_empty(0)
+        return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_B), s.new_zeros(0)
+    seed_v = None if seed is None else int(seed.item())
+    gs = torch.full((T,), scaling, dtype=torch.float32, device=x.device) if gate is None else gate * scaling
+    dyb, d_b = _skinny(dy, e=lora_B, f=s * gs[:, None])                          # dYB = dY B; dB = (g s dY)^T S
+    ds = dyb * gs[:, None]                                                       # dS = g s dY B          [T, r]
+    dg = (dyb * s).sum(1) * scaling if gate is not None else s.new_zeros(0)      # dg = s <dY B, S>_r
+    _, d_at = _skinny(x, f=ds, seed=seed_v, p=dropout_p)                         # dA^T = drop(x)^T dS
+    dx = x.new_empty(0)
+    if need_dx:                                                                  # dx = dY W + drop'(dS A)
+        dx = _gemm(dy, weight, None, ds, lora_A, None, 1.0, x.dtype, seed=seed_v, p=dropout_p)
+    return dx, d_at.t().to(lora_A.dtype), d_b.to(lora_B.dtype), dg
+
+
+@lora_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_B, s, gate, scaling, dropout_p, seed, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    dg = s.new_empty(x.shape[0]) if gate is not None else s.new_empty(0)
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B), dg
+
+
+def dropout_mask(seed: int, shape: tuple[int, int], p: float, device="cpu") -> torch.Tensor:
+    """The 0/1 keep mask the LoRA kernels draw for ``seed`` over a ``[T, in]`` input (for
+    tests and debugging: the kernels themselves regenerate it and never store it)."""
+    k = kernels("lora")
+    T, n = shape
+    mask = empty((T, n), torch.float32, device)
+    block = 64
+    k.dropout_mask_kernel[(-(-T // block), -(-n // block))](
+        mask, T, n, int(seed), p, 1.0 / (1.0 - p), BLOCK=block)
+    return mask
+
+

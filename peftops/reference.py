@@ -1,0 +1,47 @@
+"""The oracle: every method's formula in plain PyTorch, written as the math in
+``shared/METHODS.md``. Kernels are tested against these functions (run in float64), and
+the ``reference`` backend runs them as they are.
+
+Each method has one section; adding a method adds a section and touches no other.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+# --------------------------------------------------------------------------- LoRA
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    *,
+    dropout_p: float = 0.0,
+    gate: torch.Tensor | None = None,
+    dropout_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = x W^T + b + gate * scaling * (drop(x) A^T) B^T``.
+
+    ``dropout_mask`` (0/1, shaped like x) fixes the dropout draw (tests pass the fused
+    kernel's mask); without it, ``dropout_p > 0`` draws one with ``F.dropout``.
+    """
+    y = F.linear(x, weight, bias)
+    if dropout_mask is not None:
+        xd = x * dropout_mask.to(x.dtype) / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
+        xd = F.dropout(x, dropout_p, training=True)
+    else:
+        xd = x
+    low = F.linear(F.linear(xd, lora_A), lora_B) * scaling
+    if gate is not None:
+        low = low * gate
+    return y + low
+
+
+def lora_merge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``W + scaling * B A``, computed in fp32, returned in W's dtype."""
+    delta = (lora_B.float() @ lora_A.float()) * scaling
+    return (weight.float() + delta).to(weight.dtype)
