@@ -4,6 +4,7 @@ Ops (functional, autograd-aware) and drop-in modules; every op equals the plain-
 formula in ``peftops.reference``. Dispatch: ``PEFTOPS_BACKEND`` = auto | triton | reference.
 """
 from ._dispatch import backend, dispatch_counts, reset_dispatch_counts
+from .nn.lora import LoraLinear
 from .ops.lora import lora_linear
 
 __version__ = "0.1.0"
@@ -13,4 +14,5 @@ __all__ = [
     "dispatch_counts",
     "reset_dispatch_counts",
     "lora_linear",
+    "LoraLinear",
 ]

@@ -1,0 +1,6 @@
+"""Benchmarks (``python -m peftops bench``): one module per method, registered here."""
+
+# method name -> module defining ``cases(device, dtype, small)``; each slice adds its line.
+METHODS = {
+    "lora": "peftops.benchmarks.lora",
+}

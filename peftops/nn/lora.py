@@ -1,0 +1,191 @@
+"""``LoraLinear``: a drop-in for HF PEFT's LoRA ``Linear`` running the fused LoRA kernels.
+
+Parameter names and state_dict keys follow peft (``base_layer.weight``,
+``lora_A.<adapter>.weight``, ``lora_B.<adapter>.weight``), so checkpoints carry over.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from ..ops.lora import lora_linear
+
+
+class LoraLinear(nn.Module):
+    """LoRA around a frozen linear layer: ``y = base(x) + sum_a s_a * B_a A_a drop_a(x)``.
+
+    ``base_layer`` is kept as given (its weight object is not copied). ``fan_in_fan_out``
+    is for GPT-2's ``Conv1D``, whose weight is stored ``[in, out]``. Several active
+    adapters are summed; with dropout active in training, the first adapter runs fused
+    and the others in eager PyTorch (each adapter keeps its own dropout draw, as in peft).
+
+    Adapter weights in a dtype other than the input's (peft keeps them in fp32 over a
+    bf16 base) are cast to the input dtype for the fused op; gradients flow back to them
+    in their own dtype.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str = "default", r: int = 8, lora_alpha: float = 8,
+                 lora_dropout: float = 0.0, *, use_rslora: bool = False, lora_bias: bool = False,
+                 fan_in_fan_out: bool = False, init_lora_weights: bool | str = True):
+        super().__init__()
+        weight = getattr(base_layer, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise TypeError(f"base_layer must have a 2-D weight (nn.Linear or Conv1D), got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.fan_in_fan_out = fan_in_fan_out
+        self.out_features, self.in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+        self._active_adapters = [adapter_name]
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora=use_rslora,
+                          lora_bias=lora_bias, init_lora_weights=init_lora_weights)
+
+    # ------------------------------------------------------------------ adapters
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0, *,
+                     use_rslora: bool = False, lora_bias: bool = False, init_lora_weights: bool | str = True) -> None:
+        """Add (or replace) adapter ``adapter_name`` with peft's initialisation."""
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        weight = self.base_layer.weight
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.use_rslora[adapter_name] = use_rslora
+        self.lora_bias[adapter_name] = lora_bias
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        kw = dict(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **kw)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias, **kw)
+        self.reset_lora_parameters(adapter_name, init_lora_weights)
+
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str = True) -> None:
+        """peft's init: A kaiming-uniform (a = sqrt(5)), B = 0 (``True``); A ~ N(0, 1/r)
+        with B = 0 (``"gaussian"``); both nn.Linear's random init (``False``)."""
+        if init_lora_weights is False:
+            return
+        a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        if init_lora_weights is True:
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+        elif init_lora_weights == "gaussian":
+            nn.init.normal_(a.weight, std=1 / self.r[adapter_name])
+        else:
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        nn.init.zeros_(b.weight)
+        if b.bias is not None:
+            nn.init.zeros_(b.bias)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapters)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapters[0] if len(self._active_adapters) == 1 else self.active_adapters
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Make these adapters active (trainable); the others are frozen, as in peft."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            if name not in self.lora_A:
+                raise ValueError(f"unknown adapter {name!r}; have {list(self.lora_A)}")
+        for name in self.lora_A:
+            self.lora_A[name].requires_grad_(name in names)
+            self.lora_B[name].requires_grad_(name in names)
+        self._active_adapters = names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self.disable_adapters = not enabled
+
+    # ------------------------------------------------------------------ merge
+    def _base_weight(self) -> torch.Tensor:
+        """The frozen weight as ``[out, in]`` (a view for ``fan_in_fan_out``)."""
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``scaling * B A`` in fp32, ``[out, in]``."""
+        a = self.lora_A[adapter_name].weight.float()
+        b = self.lora_B[adapter_name].weight.float()
+        return (b @ a) * self.scaling[adapter_name]
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold the active (or named) adapters into the base weight: ``W += s B A`` (fp32)."""
+        for name in adapter_names if adapter_names is not None else self.active_adapters:
+            if name in self.merged_adapters or name not in self.lora_A:
+                continue
+            w = self._base_weight()
+            merged = w.float() + self.get_delta_weight(name)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"merging adapter {name!r} gives non-finite weights")
+            w.copy_(merged.to(w.dtype))
+            if self.lora_bias[name] and getattr(self.base_layer, "bias", None) is not None:
+                bias = self.base_layer.bias
+                bias.copy_((bias.float() + self.lora_B[name].bias.float() * self.scaling[name]).to(bias.dtype))
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge``: ``W -= s B A`` for every merged adapter, newest first."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            w = self._base_weight()
+            w.copy_((w.float() - self.get_delta_weight(name)).to(w.dtype))
+            if self.lora_bias[name] and getattr(self.base_layer, "bias", None) is not None:
+                bias = self.base_layer.bias
+                bias.copy_((bias.float() - self.lora_B[name].bias.float() * self.scaling[name]).to(bias.dtype))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        active = [a for a in self._active_adapters if a in self.lora_A]
+        if self.merged or not active:
+            return self.base_layer(x, *args, **kwargs)
+        if args or kwargs:
+            raise TypeError(f"LoraLinear.forward takes only x; got extra arguments {args} {list(kwargs)}")
+        dt = x.dtype
+        bias = getattr(self.base_layer, "bias", None)
+        p = {a: self._dropout_p(a) for a in active}
+        # Adapters sharing one fused call: all of them when no dropout is active (their
+        # A's stacked along r, scaling folded into B: the same math), else the first.
+        fused = active if all(v == 0.0 for v in p.values()) else active[:1]
+        a_cat = torch.cat([self.lora_A[a].weight.to(dt) for a in fused])
+        b_cat = torch.cat([self.lora_B[a].weight.to(dt) * self.scaling[a] for a in fused], dim=1) \
+            if len(fused) > 1 else self.lora_B[fused[0]].weight.to(dt)
+        scaling = 1.0 if len(fused) > 1 else self.scaling[fused[0]]
+        for a in fused:
+            if self.lora_bias[a]:
+                extra = self.lora_B[a].bias.to(dt) * self.scaling[a]
+                bias = extra if bias is None else bias + extra
+        y = lora_linear(x, self._base_weight(), bias, a_cat, b_cat, scaling, dropout_p=p[fused[0]])
+        for a in active[len(fused):]:
+            y = y + self.lora_B[a](self.lora_A[a](self.lora_dropout[a](x.to(self.lora_A[a].weight.dtype)))).to(dt) \
+                * self.scaling[a]
+        return y
+
+    def _dropout_p(self, adapter_name: str) -> float:
+        drop = self.lora_dropout[adapter_name]
+        return float(drop.p) if isinstance(drop, nn.Dropout) and self.training else 0.0
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"adapters={ {a: self.r[a] for a in self.lora_A} }, active={self.active_adapters}")
