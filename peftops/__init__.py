@@ -5,6 +5,7 @@ formula in ``peftops.reference``. Dispatch: ``PEFTOPS_BACKEND`` = auto | triton 
 """
 from ._dispatch import backend, dispatch_counts, reset_dispatch_counts
 from .nn.lora import LoraLinear
+from .ops.fusion import adapter_fusion
 from .ops.lora import lora_linear
 
 __version__ = "0.1.0"
@@ -14,5 +15,6 @@ __all__ = [
     "dispatch_counts",
     "reset_dispatch_counts",
     "lora_linear",
+    "adapter_fusion",
     "LoraLinear",
 ]

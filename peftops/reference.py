@@ -45,3 +45,37 @@ def lora_merge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     """``W + scaling * B A``, computed in fp32, returned in W's dtype."""
     delta = (lora_B.float() @ lora_A.float()) * scaling
     return (weight.float() + delta).to(weight.dtype)
+
+
+# --------------------------------------------------------------------------- AdapterFusion
+def adapter_fusion(
+    query: torch.Tensor,
+    adapter_outputs: torch.Tensor,
+    residual: torch.Tensor,
+    query_weight: torch.Tensor,
+    query_bias: torch.Tensor | None,
+    key_weight: torch.Tensor,
+    key_bias: torch.Tensor | None,
+    value_weight: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """``residual + sum_n a_n (u_n Wv^T)``, ``a = softmax_n((q Wq^T + bq) . (u_n Wk^T + bk) / tau)``.
+
+    query / residual ``[..., d]``; adapter_outputs ``[..., N, d]`` (u_n, before the
+    residual); weights ``[d, d]`` (nn.Linear layout); Wv has no bias. Written as METHODS.md
+    states it: N separate key and value projections, softmax over the N adapters per token.
+    """
+    q = F.linear(query, query_weight, query_bias)
+    n_adapters = adapter_outputs.shape[-2]
+    scores, values = [], []
+    for n in range(n_adapters):
+        u = adapter_outputs[..., n, :]
+        k = F.linear(u, key_weight, key_bias)
+        scores.append((q * k).sum(-1))
+        values.append(F.linear(u, value_weight))
+    a = torch.softmax(torch.stack(scores, dim=-1) / temperature, dim=-1)
+    out = residual
+    for n in range(n_adapters):
+        out = out + a[..., n, None] * values[n]
+    return out
