@@ -1,0 +1,292 @@
+"""Bottleneck adapter kernels.
+
+Forward   z   = h Wd^T + bd                        [T, m]   (m = bottleneck width, on chip)
+          a   = act(z)                             [T, m]
+          out = residual + G * (a Wu^T + bu)       [T, d]   G = scaling * gate (per row)
+Backward  (z [T, m] fp32 is saved; a is recomputed from it)
+          P   = dY Wu                              [T, m]
+          dz  = G * P * act'(z)                    [T, m]
+          dh  = dz Wd                              [T, d]
+          dg  = scaling * (rowsum(a * P) + dY . bu)   [T]   (gate gradient per row)
+          dWu = dY^T (G a)                         [d, m]   -- reduce over T
+          dbu = colsum(G dY)                       [d]
+          dWd = dz^T h                             [m, d]   -- reduce over T
+          dbd = colsum(dz)                         [m]      (host: dz is small)
+          dresidual = dY                           (host: no kernel)
+
+Three kernels:
+* ``adapter_fwd_kernel``: one program per block of rows. Pass 1 over d: z = h Wd^T (+bd)
+  into an fp32 [BLOCK_M, BLOCK_W] accumulator (m padded to a power of two >= 16 with
+  masked loads; padded columns of z are exactly 0, and act(0) = 0 for every activation).
+  Pass 2 over d: out tile = residual + G * (act(z) Wu^T + bu). h and residual are read once,
+  out written once; only z ([T, m] fp32, needed by backward) leaves the chip besides out.
+* ``adapter_bwd_rows_kernel``: one program per block of rows. Pass over dY: P = dY Wu
+  (and dY . bu for the gate); then dz, dg; then a pass over d writing dh = dz Wd.
+  Reads dY once, writes dh once.
+* ``adapter_bwd_weights_kernel``: one program per (column block of d, split of T): walks
+  its rows accumulating dWu^T-chunk = dY^T (G a), dbu, dWd^T-chunk = h^T dz in fp32
+  registers; one partial per split, summed on the host in a fixed order (no atomics).
+"""
+import triton
+import triton.language as tl
+
+# Activation ids (constexpr): the host maps names to these.
+RELU, GELU, GELU_TANH, SILU = 0, 1, 2, 3
+
+_SQRT1_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+_SQRT_2_OVER_PI = 0.7978845608028654
+_GELU_C = 0.044715
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 2 sigmoid(2x) - 1 (tl.math has no tanh); stable for large |x|.
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    """act(z) on an fp32 tile."""
+    if ACT == 0:
+        return tl.maximum(z, 0.0)
+    elif ACT == 1:
+        return 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
+    elif ACT == 2:
+        return 0.5 * z * (1.0 + _tanh(_SQRT_2_OVER_PI * (z + _GELU_C * z * z * z)))
+    else:
+        return z * tl.sigmoid(z)
+
+
+@triton.jit
+def _act_grad(z, ACT: tl.constexpr):
+    """act'(z) on an fp32 tile (relu'(0) = 0, as torch)."""
+    if ACT == 0:
+        return tl.where(z > 0.0, 1.0, 0.0)
+    elif ACT == 1:
+        return 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2)) + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+    elif ACT == 2:
+        t = _tanh(_SQRT_2_OVER_PI * (z + _GELU_C * z * z * z))
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * z * z)
+    else:
+        sg = tl.sigmoid(z)
+        return sg * (1.0 + z * (1.0 - sg))
+
+
+@triton.jit
+def adapter_fwd_kernel(
+    h_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, res_ptr, gate_ptr, out_ptr, z_ptr,
+    T, D, MW,
+    stride_hm, stride_hd, stride_wdm, stride_wdd, stride_wud, stride_wum,
+    stride_rm, stride_rd, stride_om, stride_od,
+    scale,
+    ACT: tl.constexpr, HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, HAS_GATE: tl.constexpr,
+    STORE_Z: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = rm < T
+    rm64 = rm.to(tl.int64)
+    rw = tl.arange(0, BLOCK_W)
+    w_ok = rw < MW
+
+    # Pass 1: z = h Wd^T (+ bd), fp32 accumulator kept on chip.
+    acc = tl.zeros((BLOCK_M, BLOCK_W), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = rd < D
+        ht = tl.load(h_ptr + rm64[:, None] * stride_hm + rd[None, :] * stride_hd,
+                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        wdt = tl.load(wd_ptr + rd[:, None] * stride_wdd + rw[None, :] * stride_wdm,
+                      mask=d_ok[:, None] & w_ok[None, :], other=0.0)      # Wd^T chunk [BLOCK_D, BLOCK_W]
+        if UPCAST:
+            ht = ht.to(tl.float32)
+            wdt = wdt.to(tl.float32)
+        acc = tl.dot(ht, wdt, acc, input_precision=PRECISION)
+    if HAS_BD:
+        acc += tl.load(bd_ptr + rw, mask=w_ok, other=0.0).to(tl.float32)[None, :]
+    if STORE_Z:
+        tl.store(z_ptr + rm64[:, None] * MW + rw[None, :], acc, mask=m_ok[:, None] & w_ok[None, :])
+    a = _act(acc, ACT).to(wu_ptr.dtype.element_ty)   # dot operand in the weights' dtype
+    if UPCAST:
+        a = a.to(tl.float32)
+    if HAS_GATE:
+        g = tl.load(gate_ptr + rm, mask=m_ok, other=0.0).to(tl.float32) * scale
+
+    # Pass 2: out = residual + G * (a Wu^T + bu), one column block at a time.
+    for d0 in range(0, D, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = rd < D
+        wut = tl.load(wu_ptr + rw[:, None] * stride_wum + rd[None, :] * stride_wud,
+                      mask=w_ok[:, None] & d_ok[None, :], other=0.0)      # Wu^T chunk [BLOCK_W, BLOCK_D]
+        if UPCAST:
+            wut = wut.to(tl.float32)
+        u = tl.dot(a, wut, input_precision=PRECISION)
+        if HAS_BU:
+            u += tl.load(bu_ptr + rd, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_GATE:
+            u = u * g[:, None]
+        else:
+            u = u * scale
+        mask = m_ok[:, None] & d_ok[None, :]
+        r = tl.load(res_ptr + rm64[:, None] * stride_rm + rd[None, :] * stride_rd, mask=mask, other=0.0)
+        tl.store(out_ptr + rm64[:, None] * stride_om + rd[None, :] * stride_od,
+                 (r.to(tl.float32) + u).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def adapter_bwd_rows_kernel(
+    dy_ptr, z_ptr, wd_ptr, wu_ptr, bu_ptr, gate_ptr, dz_ptr, dg_ptr, dh_ptr,
+    T, D, MW,
+    stride_ym, stride_yd, stride_wdm, stride_wdd, stride_wud, stride_wum, stride_hm, stride_hd,
+    scale,
+    ACT: tl.constexpr, HAS_BU: tl.constexpr, HAS_GATE: tl.constexpr, NEED_DH: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = rm < T
+    rm64 = rm.to(tl.int64)
+    rw = tl.arange(0, BLOCK_W)
+    w_ok = rw < MW
+
+    # P = dY Wu   (and dY . bu per row, for the gate gradient)
+    p = tl.zeros((BLOCK_M, BLOCK_W), dtype=tl.float32)
+    ybu = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = rd < D
+        dyt = tl.load(dy_ptr + rm64[:, None] * stride_ym + rd[None, :] * stride_yd,
+                      mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        wut = tl.load(wu_ptr + rd[:, None] * stride_wud + rw[None, :] * stride_wum,
+                      mask=d_ok[:, None] & w_ok[None, :], other=0.0)      # Wu chunk [BLOCK_D, BLOCK_W]
+        if HAS_GATE:
+            if HAS_BU:
+                bu = tl.load(bu_ptr + rd, mask=d_ok, other=0.0).to(tl.float32)
+                ybu += tl.sum(dyt.to(tl.float32) * bu[None, :], axis=1)
+        if UPCAST:
+            dyt = dyt.to(tl.float32)
+            wut = wut.to(tl.float32)
+        p = tl.dot(dyt, wut, p, input_precision=PRECISION)
+
+    zmask = m_ok[:, None] & w_ok[None, :]
+    z = tl.load(z_ptr + rm64[:, None] * MW + rw[None, :], mask=zmask, other=0.0)
+    if HAS_GATE:
+        g = tl.load(gate_ptr + rm, mask=m_ok, other=0.0).to(tl.float32) * scale
+        dz = p * g[:, None] * _act_grad(z, ACT)                             # dz = G P act'(z)
+        dg = scale * (tl.sum(_act(z, ACT) * p, axis=1) + ybu)               # dg = s (<a, P> + dY . bu)
+        tl.store(dg_ptr + rm, dg, mask=m_ok)
+    else:
+        dz = p * scale * _act_grad(z, ACT)
+    tl.store(dz_ptr + rm64[:, None] * MW + rw[None, :], dz, mask=zmask)
+
+    if NEED_DH:                                                            # dh = dz Wd
+        dzo = dz.to(wd_ptr.dtype.element_ty)
+        if UPCAST:
+            dzo = dzo.to(tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            rd = d0 + tl.arange(0, BLOCK_D)
+            d_ok = rd < D
+            wdt = tl.load(wd_ptr + rw[:, None] * stride_wdm + rd[None, :] * stride_wdd,
+                          mask=w_ok[:, None] & d_ok[None, :], other=0.0)  # Wd chunk [BLOCK_W, BLOCK_D]
+            if UPCAST:
+                wdt = wdt.to(tl.float32)
+            dh = tl.dot(dzo, wdt, input_precision=PRECISION)
+            tl.store(dh_ptr + rm64[:, None] * stride_hm + rd[None, :] * stride_hd,
+                     dh.to(dh_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def adapter_bwd_weights_kernel(
+    dy_ptr, h_ptr, z_ptr, dz_ptr, gate_ptr, dwu_ptr, dbu_ptr, dwd_ptr,
+    T, D, MW, rows_per_split,
+    stride_ym, stride_yd, stride_hm, stride_hd,
+    scale,
+    ACT: tl.constexpr, HAS_GATE: tl.constexpr, DO_U: tl.constexpr, DO_D: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    # Program (pid_d, pid_s): columns [pid_d * BLOCK_D, +BLOCK_D) of d, rows of split pid_s.
+    #   dwu[pid_s, cols, :] = sum_rows dY[rows, cols]^T (G a)[rows]      (-> dWu   [d, m])
+    #   dbu[pid_s, cols]    = sum_rows G dY[rows, cols]                  (-> dbu   [d])
+    #   dwd[pid_s, cols, :] = sum_rows h[rows, cols]^T dz[rows]          (-> dWd^T [d, m])
+    pid_d = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = rd < D
+    rw = tl.arange(0, BLOCK_W)
+    w_ok = rw < MW
+    acc_u = tl.zeros((BLOCK_D, BLOCK_W), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc_d = tl.zeros((BLOCK_D, BLOCK_W), dtype=tl.float32)
+    m_start = pid_s * rows_per_split
+    m_stop = tl.minimum(m_start + rows_per_split, T)
+    for m0 in range(m_start, m_stop, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        m_ok = rm < m_stop
+        rm64 = rm.to(tl.int64)
+        tile_mask = m_ok[:, None] & d_ok[None, :]
+        zmask = m_ok[:, None] & w_ok[None, :]
+        if DO_U:
+            dyt = tl.load(dy_ptr + rm64[:, None] * stride_ym + rd[None, :] * stride_yd, mask=tile_mask, other=0.0)
+            z = tl.load(z_ptr + rm64[:, None] * MW + rw[None, :], mask=zmask, other=0.0)
+            if HAS_GATE:
+                g = tl.load(gate_ptr + rm, mask=m_ok, other=0.0).to(tl.float32) * scale
+            else:
+                g = tl.where(m_ok, scale, 0.0)
+            ga = (_act(z, ACT) * g[:, None]).to(dy_ptr.dtype.element_ty)
+            acc_b += tl.sum(dyt.to(tl.float32) * g[:, None], axis=0)
+            if UPCAST:
+                dyt = dyt.to(tl.float32)
+                ga = ga.to(tl.float32)
+            acc_u = tl.dot(tl.trans(dyt), ga, acc_u, input_precision=PRECISION)
+        if DO_D:
+            ht = tl.load(h_ptr + rm64[:, None] * stride_hm + rd[None, :] * stride_hd, mask=tile_mask, other=0.0)
+            dzt = tl.load(dz_ptr + rm64[:, None] * MW + rw[None, :], mask=zmask, other=0.0).to(h_ptr.dtype.element_ty)
+            if UPCAST:
+                ht = ht.to(tl.float32)
+                dzt = dzt.to(tl.float32)
+            acc_d = tl.dot(tl.trans(ht), dzt, acc_d, input_precision=PRECISION)
+    out_rows = (pid_s * D + rd).to(tl.int64)
+    wmask = d_ok[:, None] & w_ok[None, :]
+    if DO_U:
+        tl.store(dwu_ptr + out_rows[:, None] * MW + rw[None, :], acc_u, mask=wmask)
+        tl.store(dbu_ptr + out_rows, acc_b, mask=d_ok)
+    if DO_D:
+        tl.store(dwd_ptr + out_rows[:, None] * MW + rw[None, :], acc_d, mask=wmask)
+
+
+def rows_config(T, D, MW, interpret):
+    """Launch config for the row kernels (forward and backward rows).
+
+    GPU: 64-row tiles; the [BLOCK_M, BLOCK_W] fp32 accumulator plus a [BLOCK_M, BLOCK_D]
+    tile must fit in registers, so BLOCK_D shrinks as m grows. Not yet tuned on a lent GPU.
+    """
+    if interpret:  # few, large programs: the interpreter's cost is per program and op
+        return dict(BLOCK_M=32, BLOCK_D=64, num_warps=4, num_stages=1)
+    block_w = max(16, triton.next_power_of_2(MW))
+    if T <= 16:
+        return dict(BLOCK_M=16, BLOCK_D=128, num_warps=4, num_stages=3)
+    if block_w <= 64:
+        return dict(BLOCK_M=64, BLOCK_D=128, num_warps=4, num_stages=3)
+    if block_w <= 128:
+        return dict(BLOCK_M=64, BLOCK_D=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_D=64, num_warps=8, num_stages=2)
+
+
+def weights_config(T, D, MW, want_programs, interpret):
+    """Launch config for ``adapter_bwd_weights_kernel``: tiles and the number of T splits
+    (enough programs to fill the GPU; each split writes one fp32 partial)."""
+    if interpret:
+        block_m, block_d = 32, 64
+    else:
+        block_m, block_d = 64, 64
+    d_blocks = triton.cdiv(D, block_d)
+    m_blocks = triton.cdiv(T, block_m)
+    splits = 1 if interpret else max(1, min(m_blocks, want_programs // d_blocks))
+    rows_per_split = triton.cdiv(m_blocks, splits) * block_m
+    splits = triton.cdiv(T, rows_per_split)
+    return dict(BLOCK_M=block_m, BLOCK_D=block_d, splits=splits, rows_per_split=rows_per_split,
+                num_warps=4 if MW <= 64 else 8, num_stages=2)

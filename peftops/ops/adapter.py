@@ -1,0 +1,271 @@
+"""Bottleneck adapter: ``peftops.bottleneck_adapter`` -- checks, dispatch, autograd, launchers.
+
+    out = residual + gate * scaling * (act(h Wd^T + bd) Wu^T + bu)
+
+Forward: one kernel, one program per block of rows: down projection into an fp32 tile of
+width m (on chip), activation, up projection one column block at a time, scale, gate,
+residual add, store. Bytes: h and residual read once, out written once (+ the weights, and
+z = h Wd^T + bd [T, m] fp32 when a backward will need it).
+Backward (algebra beside each launch in ``adapter_bwd``): a row kernel (one pass over dY
+gives P = dY Wu, then dz, the gate gradient, and dh = dz Wd) and a column kernel (one more
+pass over dY and h gives dWu, dbu, dWd as per-split fp32 partials summed here). Only h and
+z are saved; act(z) is recomputed.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _checks, reference
+from .._dispatch import record_launch, use_triton
+from .._launch import dot_precision, empty, kernels, next_pow2, num_sms, rows, upcast_dots
+
+__all__ = ["bottleneck_adapter", "ACTIVATIONS", "MAX_KERNEL_WIDTH"]
+
+# Activation names (transformers' ACT2FN spelling, as AdapterHub) -> kernel ids.
+ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_new": 2, "gelu_pytorch_tanh": 2, "silu": 3, "swish": 3}
+# Widest bottleneck the fused kernels keep on chip; wider ones fall back to the reference.
+MAX_KERNEL_WIDTH = 256
+
+
+def bottleneck_adapter(
+    h: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    *,
+    residual: torch.Tensor,
+    activation: str = "relu",
+    scaling: float = 1.0,
+    gate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``residual + gate * scaling * up(act(down(h)))``.
+
+    h ``[..., d]`` (the adapter's input); down_weight ``[m, d]``, down_bias ``[m]`` or None,
+    up_weight ``[d, m]``, up_bias ``[d]`` or None (nn.Linear layout); residual: same shape,
+    dtype and device as h (it may be h itself); activation one of ``ACTIVATIONS`` (gelu is
+    the erf form, gelu_new the tanh approximation, swish = silu); scaling a Python float;
+    gate None or broadcastable to ``out[..., :1]`` (per token ``[..., 1]`` or per sample
+    ``[B, 1, 1]``), differentiable. Every input gets its gradient.
+    """
+    act, scaling = _check(h, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling, gate)
+    m = down_weight.shape[0]
+    unsupported = None
+    if h.dtype == torch.float64:
+        unsupported = "float64"
+    elif m > MAX_KERNEL_WIDTH:
+        unsupported = f"bottleneck width m={m} > {MAX_KERNEL_WIDTH}"
+    if not use_triton("adapter", h, down_weight, down_bias, up_weight, up_bias, residual, gate, unsupported=unsupported):
+        return reference.bottleneck_adapter(h, down_weight, down_bias, up_weight, up_bias, residual=residual,
+                                            activation=activation, scaling=scaling, gate=gate)
+    tensors = (h, down_weight, down_bias, up_weight, up_bias, residual, gate)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _AdapterFn.apply(h, down_weight, down_bias, up_weight, up_bias, residual, gate, act, scaling)
+    # Inference: no autograd node, and z is not written.
+    lead = h.shape[:-1]
+    out, _ = adapter_fwd(rows(h), down_weight, down_bias, up_weight, up_bias, rows(residual),
+                         _gate_rows(gate, lead), act, scaling, False)
+    return out.view(*lead, h.shape[-1])
+
+
+def _check(h, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling, gate):
+    _checks.tensor("h", h)
+    if h.dim() < 1:
+        raise ValueError(f"h must have at least 1 dim [..., d], got shape {tuple(h.shape)}")
+    _checks.tensor("down_weight", down_weight, ndim=2)
+    _checks.tensor("down_bias", down_bias, ndim=1, optional=True)
+    _checks.tensor("up_weight", up_weight, ndim=2)
+    _checks.tensor("up_bias", up_bias, ndim=1, optional=True)
+    _checks.tensor("residual", residual)
+    m, d = down_weight.shape
+    if h.shape[-1] != d:
+        raise ValueError(f"h has {h.shape[-1]} features (shape {tuple(h.shape)}) but down_weight "
+                         f"{tuple(down_weight.shape)} expects d = {d}")
+    if m == 0:
+        raise ValueError(f"down_weight has bottleneck width m = 0 (shape {tuple(down_weight.shape)}): m must be >= 1")
+    if down_bias is not None and tuple(down_bias.shape) != (m,):
+        raise ValueError(f"down_bias has shape {tuple(down_bias.shape)}, expected [{m}] for down_weight {tuple(down_weight.shape)}")
+    if tuple(up_weight.shape) != (d, m):
+        raise ValueError(f"up_weight has shape {tuple(up_weight.shape)}, expected [{d}, {m}] for down_weight "
+                         f"{tuple(down_weight.shape)}")
+    if up_bias is not None and tuple(up_bias.shape) != (d,):
+        raise ValueError(f"up_bias has shape {tuple(up_bias.shape)}, expected [{d}]")
+    if residual.shape != h.shape:
+        raise ValueError(f"residual has shape {tuple(residual.shape)} but h has shape {tuple(h.shape)}; they must match")
+    _checks.same_dtype("h", h, down_weight=down_weight, down_bias=down_bias, up_weight=up_weight,
+                       up_bias=up_bias, residual=residual)
+    _checks.same_device("h", h, down_weight=down_weight, down_bias=down_bias, up_weight=up_weight,
+                        up_bias=up_bias, residual=residual)
+    _checks.gate("gate", gate, (*h.shape[:-1], 1), h)
+    if not isinstance(activation, str) or activation.lower() not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    return ACTIVATIONS[activation.lower()], _checks.finite_scalar("scaling", scaling)
+
+
+def _gate_rows(gate, lead):
+    """The gate expanded to one fp32 value per row ``[T]`` (None stays None)."""
+    if gate is None:
+        return None
+    return gate.detach().expand(*lead, 1).reshape(-1).float().contiguous()
+
+
+class _AdapterFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, down_weight, down_bias, up_weight, up_bias, residual, gate, act, scaling):
+        lead = h.shape[:-1]
+        h2 = rows(h)
+        g = _gate_rows(gate, lead)
+        out, z = adapter_fwd(h2, down_weight, down_bias, up_weight, up_bias, rows(residual), g, act, scaling, True)
+        ctx.save_for_backward(h2, down_weight, up_weight, up_bias, z, g)
+        ctx.act, ctx.scaling, ctx.lead = act, scaling, lead
+        ctx.gate_shape = None if gate is None else gate.shape
+        ctx.gate_dtype = None if gate is None else gate.dtype
+        return out.view(*lead, h.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        h2, down_weight, up_weight, up_bias, z, g = ctx.saved_tensors
+        need_h, need_wd, need_bd, need_wu, need_bu, need_res, need_g = ctx.needs_input_grad[:7]
+        dh = dwd = dbd = dwu = dbu = dres = dgate = None
+        if need_h or need_wd or need_bd or need_wu or need_bu or need_g:
+            dh2, dwd, dbd, dwu, dbu, dg = adapter_bwd(
+                rows(dy), h2, z, down_weight, up_weight, up_bias, g, ctx.act, ctx.scaling,
+                need_h, need_wd, need_bd, need_wu or need_bu, need_g)
+            dh = dh2.view(*ctx.lead, h2.shape[1]) if need_h else None
+            dwd = dwd if need_wd else None
+            dbd = dbd if need_bd else None
+            dwu, dbu = (dwu if need_wu else None), (dbu if need_bu else None)
+            if need_g:
+                dgate = dg.view(*ctx.lead, 1).sum_to_size(ctx.gate_shape).to(ctx.gate_dtype)
+        if need_res:
+            dres = dy                                                             # d residual = dY
+        return dh, dwd, dbd, dwu, dbu, dres, dgate, None, None
+
+
+# ------------------------------------------------------------------------ launchers
+@torch.library.custom_op("peftops::adapter_fwd", mutates_args=())
+def adapter_fwd(
+    h: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor | None, up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None, residual: torch.Tensor, gate: torch.Tensor | None, act: int,
+    scaling: float, store_z: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward on 2-D h / residual ``[T, d]``: returns (out ``[T, d]``, z = h Wd^T + bd
+    ``[T, m]`` fp32, or an empty tensor when ``store_z`` is False)."""
+    T, D = h.shape
+    MW = down_weight.shape[0]
+    out = empty((T, D), h.dtype, h.device)
+    z = empty((T, MW), torch.float32, h.device) if store_z else h.new_empty(0, dtype=torch.float32)
+    if T == 0:
+        return out, z
+    k = kernels("adapter")
+    cfg = k.rows_config(T, D, MW, h.device.type != "cuda")
+    # out = residual + G (act(h Wd^T + bd) Wu^T + bu),  G = scaling * gate;  z = h Wd^T + bd
+    k.adapter_fwd_kernel[(-(-T // cfg["BLOCK_M"]),)](
+        h, down_weight, down_bias if down_bias is not None else down_weight, up_weight,
+        up_bias if up_bias is not None else up_weight, residual, gate if gate is not None else out,
+        out, z if store_z else out,
+        T, D, MW,
+        h.stride(0), h.stride(1), down_weight.stride(0), down_weight.stride(1),
+        up_weight.stride(0), up_weight.stride(1), residual.stride(0), residual.stride(1),
+        out.stride(0), out.stride(1),
+        scaling,
+        ACT=act, HAS_BD=down_bias is not None, HAS_BU=up_bias is not None, HAS_GATE=gate is not None,
+        STORE_Z=store_z, UPCAST=upcast_dots(h.dtype), PRECISION=dot_precision(h.dtype),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], BLOCK_W=next_pow2(MW),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    record_launch("adapter_fwd")
+    return out, z
+
+
+@adapter_fwd.register_fake
+def _(h, down_weight, down_bias, up_weight, up_bias, residual, gate, act, scaling, store_z):
+    T = h.shape[0]
+    z = h.new_empty((T, down_weight.shape[0]) if store_z else (0,), dtype=torch.float32)
+    return h.new_empty(h.shape), z
+
+
+@torch.library.custom_op("peftops::adapter_bwd", mutates_args=())
+def adapter_bwd(
+    dy: torch.Tensor, h: torch.Tensor, z: torch.Tensor, down_weight: torch.Tensor, up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None, gate: torch.Tensor | None, act: int, scaling: float,
+    need_dh: bool, need_dwd: bool, need_dbd: bool, need_dwu: bool, need_dgate: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused backward on 2-D tensors. Returns (dh, dWd, dbd, dWu, dbu, dgate per row [T] fp32);
+    an output not asked for is an empty tensor. ``need_dwu`` gives dWu and dbu."""
+    T, D = h.shape
+    MW = down_weight.shape[0]
+    def nothing():
+        return h.new_empty(0)
+
+    dh = empty((T, D), h.dtype, h.device) if need_dh else nothing()
+    if T == 0:
+        return (dh, torch.zeros_like(down_weight) if need_dwd else nothing(),
+                h.new_zeros(MW) if need_dbd else nothing(), torch.zeros_like(up_weight) if need_dwu else nothing(),
+                h.new_zeros(D) if need_dwu else nothing(), h.new_empty(0, dtype=torch.float32))
+    k = kernels("adapter")
+    interpret = h.device.type != "cuda"
+    upcast, precision, block_w = upcast_dots(h.dtype), dot_precision(h.dtype), next_pow2(MW)
+    has_gate = gate is not None
+    need_dz = need_dh or need_dwd or need_dbd or need_dgate
+    dz = dg = None
+    if need_dz:
+        cfg = k.rows_config(T, D, MW, interpret)
+        dz = empty((T, MW), torch.float32, h.device)
+        dg = empty((T,), torch.float32, h.device) if has_gate else dz
+        # P = dY Wu;  dz = G P act'(z);  dg = s (<act(z), P> + dY . bu);  dh = dz Wd
+        k.adapter_bwd_rows_kernel[(-(-T // cfg["BLOCK_M"]),)](
+            dy, z, down_weight, up_weight, up_bias if up_bias is not None else up_weight,
+            gate if has_gate else dz, dz, dg, dh if need_dh else dz,
+            T, D, MW,
+            dy.stride(0), dy.stride(1), down_weight.stride(0), down_weight.stride(1),
+            up_weight.stride(0), up_weight.stride(1),
+            dh.stride(0) if need_dh else 0, dh.stride(1) if need_dh else 0,
+            scaling,
+            ACT=act, HAS_BU=up_bias is not None, HAS_GATE=has_gate, NEED_DH=need_dh,
+            UPCAST=upcast, PRECISION=precision,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], BLOCK_W=block_w,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        record_launch("adapter_bwd_rows")
+    dwd, dwu, dbu = nothing(), nothing(), nothing()
+    if need_dwd or need_dwu:
+        cfg = k.weights_config(T, D, MW, 2 * num_sms(h.device), interpret)
+        S = cfg["splits"]
+        pu = empty((S, D, MW), torch.float32, h.device) if need_dwu else None
+        pb = empty((S, D), torch.float32, h.device) if need_dwu else None
+        pd = empty((S, D, MW), torch.float32, h.device) if need_dwd else None
+        dummy = pu if pu is not None else pd
+        # dWu = dY^T (G act(z));  dbu = colsum(G dY);  dWd^T = h^T dz   (partials per split)
+        k.adapter_bwd_weights_kernel[(-(-D // cfg["BLOCK_D"]), S)](
+            dy, h, z, dz if dz is not None else dummy, gate if has_gate else dummy,
+            pu if pu is not None else dummy, pb if pb is not None else dummy, pd if pd is not None else dummy,
+            T, D, MW, cfg["rows_per_split"],
+            dy.stride(0), dy.stride(1), h.stride(0), h.stride(1),
+            scaling,
+            ACT=act, HAS_GATE=has_gate, DO_U=need_dwu, DO_D=need_dwd,
+            UPCAST=upcast, PRECISION=precision,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], BLOCK_W=block_w,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        record_launch("adapter_bwd_weights")
+        if need_dwu:
+            dwu = pu.sum(0).to(up_weight.dtype)
+            dbu = pb.sum(0).to(up_weight.dtype)
+        if need_dwd:
+            dwd = pd.sum(0).t().contiguous().to(down_weight.dtype)
+    dbd = dz.sum(0).to(down_weight.dtype) if need_dbd else nothing()              # dbd = colsum(dz)
+    dgate = dg if (need_dgate and has_gate) else h.new_empty(0, dtype=torch.float32)
+    return dh, dwd, dbd, dwu, dbu, dgate
+
+
+@adapter_bwd.register_fake
+def _(dy, h, z, down_weight, up_weight, up_bias, gate, act, scaling, need_dh, need_dwd, need_dbd, need_dwu, need_dgate):
+    T, D = h.shape
+    MW = down_weight.shape[0]
+    return (h.new_empty((T, D)) if need_dh else h.new_empty(0),
+            torch.empty_like(down_weight) if need_dwd else h.new_empty(0),
+            h.new_empty(MW) if need_dbd else h.new_empty(0),
+            torch.empty_like(up_weight) if need_dwu else h.new_empty(0),
+            h.new_empty(D) if need_dwu else h.new_empty(0),
+            h.new_empty(T if (need_dgate and gate is not None) else 0, dtype=torch.float32))
