@@ -79,3 +79,41 @@ def adapter_fusion(
     for n in range(n_adapters):
         out = out + a[..., n, None] * values[n]
     return out
+
+
+# --------------------------------------------------------------------------- bottleneck adapter
+def adapter_activation(z: torch.Tensor, name: str) -> torch.Tensor:
+    """The adapter non-linearities (transformers' ACT2FN names): relu, gelu (erf form),
+    gelu_new / gelu_pytorch_tanh (tanh approximation), silu / swish."""
+    name = name.lower()
+    if name == "relu":
+        return F.relu(z)
+    if name == "gelu":
+        return F.gelu(z)
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return F.gelu(z, approximate="tanh")
+    if name in ("silu", "swish"):
+        return F.silu(z)
+    raise ValueError(f"unknown adapter activation {name!r}")
+
+
+def bottleneck_adapter(
+    h: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    *,
+    residual: torch.Tensor,
+    activation: str = "relu",
+    scaling: float = 1.0,
+    gate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``residual + gate * scaling * f(h)`` with ``f(h) = act(h Wd^T + bd) Wu^T + bu``."""
+    f = F.linear(adapter_activation(F.linear(h, down_weight, down_bias), activation), up_weight, up_bias)
+    f = f * scaling
+    if gate is not None:
+        f = f * gate
+    return residual + f
+
+
