@@ -117,3 +117,29 @@ def bottleneck_adapter(
     return residual + f
 
 
+# --------------------------------------------------------------------------- IA3
+def ia3_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ia3_l: torch.Tensor,
+    *,
+    feedforward: bool,
+) -> torch.Tensor:
+    """(IA)^3, as HF PEFT's IA3 Linear computes it (l may be float32 under half x):
+    ``feedforward=False``: ``y = l * (x W^T + b)``, l ``[out]`` / ``[out, 1]``;
+    ``feedforward=True``: ``y = (x * l) W^T + b``, l ``[in]`` / ``[1, in]``."""
+    l = ia3_l.reshape(-1)
+    if feedforward:
+        return F.linear((x * l).to(x.dtype), weight, bias)
+    return (F.linear(x, weight, bias) * l).to(x.dtype)
+
+
+def ia3_merge(weight: torch.Tensor, bias: torch.Tensor | None, ia3_l: torch.Tensor, *, feedforward: bool):
+    """Merged (weight, bias): ``W * l`` per column (input scaling) or per row (output scaling,
+    which scales the bias too)."""
+    l = ia3_l.reshape(-1)
+    if feedforward:
+        return (weight * l[None, :]).to(weight.dtype), bias
+    new_bias = None if bias is None else (bias * l).to(bias.dtype)
+    return (weight * l[:, None]).to(weight.dtype), new_bias
