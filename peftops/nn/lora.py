@@ -157,7 +157,7 @@ class LoraLinear(nn.Module):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        active = [a for a in self._active_adapters if a in self.lora_A]
+        active = [a for a in self.active_adapters if a in self.lora_A]
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
         if args or kwargs:

@@ -1,0 +1,25 @@
+"""Integrations with HF PEFT and transformers (imported lazily: peft / transformers are
+optional dependencies).
+
+* ``accelerate(model)``: run a peft model's LoRA / IA3 layers on the peftops kernels.
+* ``add_adapter(model, name, config)``: native injection of bottleneck adapters,
+  AdapterFusion and UniPELT into transformers' BERT / RoBERTa / Llama families.
+"""
+from __future__ import annotations
+
+
+def accelerate(model, *, return_summary: bool = False):
+    """See ``peftops.integrations.accelerate.accelerate``."""
+    from .accelerate import accelerate as _accelerate
+
+    return _accelerate(model, return_summary=return_summary)
+
+
+def deaccelerate(model):
+    """See ``peftops.integrations.accelerate.deaccelerate``."""
+    from .accelerate import deaccelerate as _deaccelerate
+
+    return _deaccelerate(model)
+
+
+__all__ = ["accelerate", "deaccelerate"]
