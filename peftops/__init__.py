@@ -7,6 +7,7 @@ from ._dispatch import backend, dispatch_counts, reset_dispatch_counts
 from .nn.lora import LoraLinear
 from .ops.fusion import adapter_fusion
 from .ops.lora import lora_linear
+from .ops.prefix_attention import prefix_attention
 
 __version__ = "0.1.0"
 
@@ -17,4 +18,5 @@ __all__ = [
     "lora_linear",
     "adapter_fusion",
     "LoraLinear",
+    "prefix_attention",
 ]

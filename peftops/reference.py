@@ -143,3 +143,41 @@ def ia3_merge(weight: torch.Tensor, bias: torch.Tensor | None, ia3_l: torch.Tens
         return (weight * l[None, :]).to(weight.dtype), bias
     new_bias = None if bias is None else (bias * l).to(bias.dtype)
     return (weight * l[:, None]).to(weight.dtype), new_bias
+
+
+# --------------------------------------------------------------------------- prefix attention
+def prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    *,
+    prefix_gate: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``softmax([q (gk Pk)^T ; q k^T] * scale) [gv Pv ; v]`` by concatenation.
+
+    q ``[B, Hq, T, D]``; k, v ``[B, Hkv, T, D]`` (q head h reads kv head h // (Hq / Hkv));
+    prefix_k / prefix_v ``[Hkv, L, D]`` (shared) or ``[B, Hkv, L, D]``; prefix_gate None,
+    ``[B, 2]`` or ``[B, 1]``: gk = gate[:, 0], gv = gate[:, -1] (UniPELT's g_P[0], g_P[-1]).
+    Causal masking inside the sequence only: query i sees the whole prefix and keys 0..i.
+    """
+    B, Hq, T, D = q.shape
+    Hkv, L = k.shape[1], prefix_k.shape[-2]
+    scale = 1.0 / D ** 0.5 if scale is None else scale
+    pk = prefix_k.expand(B, Hkv, L, D)
+    pv = prefix_v.expand(B, Hkv, L, D)
+    if prefix_gate is not None:
+        pk = pk * prefix_gate[:, 0].view(B, 1, 1, 1).to(pk.dtype)
+        pv = pv * prefix_gate[:, -1].view(B, 1, 1, 1).to(pv.dtype)
+    keys = torch.cat([pk, k], dim=2).repeat_interleave(Hq // Hkv, dim=1)
+    values = torch.cat([pv, v], dim=2).repeat_interleave(Hq // Hkv, dim=1)
+    scores = (q @ keys.transpose(-1, -2)) * scale
+    if is_causal:
+        col = torch.arange(L + T, device=q.device)
+        row = torch.arange(T, device=q.device)
+        visible = (col[None, :] < L) | (col[None, :] - L <= row[:, None])
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores.float() if q.dtype in (torch.float16, torch.bfloat16) else scores, dim=-1).to(q.dtype) @ values

@@ -1,0 +1,367 @@
+"""Prefix-aware attention kernels (flash-attention style, online softmax).
+
+    O = softmax([Q (gk Pk)^T ; Q K^T] * scale) [gv Pv ; V]
+
+Q [B, Hq, T, D]; K, V [B, Hkv, T, D] (grouped-query: q head h reads kv head h // GROUP);
+Pk, Pv [Hkv, L, D] shared by the batch (batch stride 0) or [B, Hkv, L, D]; gk, gv the
+prefix key / value gates per sample (1 without a gate). Causal masking applies inside the
+sequence only: query i sees prefix 0..L-1 and keys 0..i.
+
+The prefix is never concatenated: each program first loops over prefix blocks (reading
+the shared prefix tile, no per-sample copy), then over sequence blocks, with one online
+softmax across both. Scores live in the log2 domain (multiplied by scale * log2(e)) so the
+kernels use exp2; ``lse`` is saved per row in that base-2 domain: lse2 = log2(sum 2^s2).
+
+Backward (flash-attention-2), with S the natural-domain scores and P = softmax(S):
+    delta_i = rowsum(dO_i * O_i)                                   (preprocess kernel)
+    dP      = dO [gv Pv ; V]^T
+    dS      = P * (dP - delta)
+    dQ      = scale * (gk * dS_pre Pk + dS_seq K)                  (dq kernel, per query block)
+    dK      = scale * dS_seq^T Q,   dV = P_seq^T dO                (dkdv kernel, per key block)
+    dPk_eff = scale * dS_pre^T Q,   dPv_eff = P_pre^T dO           gradients w.r.t. the
+                                                                   *effective* prefix gk Pk, gv Pv
+dK/dV programs own one key block of one (batch, kv head) and loop over the GROUP query
+heads that read it, so no atomics. Prefix blocks are extra programs of the same kernel; they
+write fp32 partials dPk_eff, dPv_eff per (batch, kv head) that the host reduces in a fixed
+order (over the batch when the prefix is shared) and turns into
+    dPk = gk dPk_eff,  dPv = gv dPv_eff,
+    d gk = <dPk_eff, Pk>,  d gv = <dPv_eff, Pv>     (chain rule through Pk_eff = gk Pk).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def prefix_attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, gate_ptr, o_ptr, lse_ptr,
+    T, L, D, HQ, GROUP,
+    sqb, sqh, sqt, sqd,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    spkb, spkh, spkl, spkd,
+    spvb, spvh, spvl, spvd,
+    sob, soh, sot, sod,
+    qk_scale2,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HQ).to(tl.int64)
+    hq = (pid_bh % HQ).to(tl.int64)
+    hk = hq // GROUP
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rd = tl.arange(0, BLOCK_D)
+    m_ok = rm < T
+    d_ok = rd < D
+    rm64 = rm.to(tl.int64)
+
+    q = tl.load(q_ptr + b * sqb + hq * sqh + rm64[:, None] * sqt + rd[None, :] * sqd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    gk = tl.load(gate_ptr + 2 * b).to(tl.float32)
+    gv = tl.load(gate_ptr + 2 * b + 1).to(tl.float32)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+
+    # 1) the prefix: keys gk * Pk, values gv * Pv, no causal mask.
+    pk_base = pk_ptr + b * spkb + hk * spkh
+    pv_base = pv_ptr + b * spvb + hk * spvh
+    pre_scale = qk_scale2 * gk
+    for start in range(0, L, BLOCK_N):
+        rn = start + tl.arange(0, BLOCK_N)
+        n_ok = rn < L
+        kt = tl.load(pk_base + rn[None, :] * spkl + rd[:, None] * spkd,
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)            # [D, N]
+        vt = tl.load(pv_base + rn[:, None] * spvl + rd[None, :] * spvd,
+                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)            # [N, D]
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=PRECISION) * pre_scale
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION) * gv
+        m_i = m_new
+
+    # 2) the sequence (causal: only key blocks that start at or before this query block ends).
+    k_base = k_ptr + b * skb + hk * skh
+    v_base = v_ptr + b * svb + hk * svh
+    hi = T
+    if CAUSAL:
+        hi = tl.minimum(T, (pid_m + 1) * BLOCK_M)
+    for start in range(0, hi, BLOCK_N):
+        rn = start + tl.arange(0, BLOCK_N)
+        n_ok = rn < T
+        rn64 = rn.to(tl.int64)
+        kt = tl.load(k_base + rn64[None, :] * skt + rd[:, None] * skd,
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        vt = tl.load(v_base + rn64[:, None] * svt + rd[None, :] * svd,
+                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale2
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        if CAUSAL:
+            s = tl.where(rn[None, :] <= rm[:, None], s, float("-inf"))
+        # m_i is finite here (every row saw >= 1 prefix key), so fully masked rows are safe.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + b * sob + hq * soh + rm64[:, None] * sot + rd[None, :] * sod,
+             out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * T + rm64, m_i + tl.log2(l_i), mask=m_ok)
+
+
+@triton.jit
+def prefix_attn_bwd_preprocess_kernel(
+    o_ptr, do_ptr, delta_ptr, T, D, HQ,
+    sob, soh, sot, sod, sdob, sdoh, sdot, sdod,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta[b, h, t] = sum_d dO * O (fp32)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HQ).to(tl.int64)
+    h = (pid_bh % HQ).to(tl.int64)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rd = tl.arange(0, BLOCK_D)
+    mask = (rm[:, None] < T) & (rd[None, :] < D)
+    rm64 = rm.to(tl.int64)
+    o = tl.load(o_ptr + b * sob + h * soh + rm64[:, None] * sot + rd[None, :] * sod, mask=mask, other=0.0)
+    do = tl.load(do_ptr + b * sdob + h * sdoh + rm64[:, None] * sdot + rd[None, :] * sdod, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(delta_ptr + pid_bh.to(tl.int64) * T + rm64, delta, mask=rm < T)
+
+
+@triton.jit
+def prefix_attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, gate_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    T, L, D, HQ, GROUP,
+    sqb, sqh, sqt, sqd,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    spkb, spkh, spkl, spkd,
+    spvb, spvh, spvl, spvd,
+    sdob, sdoh, sdot, sdod,
+    sdqb, sdqh, sdqt, sdqd,
+    sm_scale, qk_scale2,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dQ for one query block: scale * (gk * dS_pre Pk + dS_seq K), dS = P (dP - delta)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HQ).to(tl.int64)
+    hq = (pid_bh % HQ).to(tl.int64)
+    hk = hq // GROUP
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rd = tl.arange(0, BLOCK_D)
+    m_ok = rm < T
+    d_ok = rd < D
+    rm64 = rm.to(tl.int64)
+    md = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + b * sqb + hq * sqh + rm64[:, None] * sqt + rd[None, :] * sqd, mask=md, other=0.0)
+    do = tl.load(do_ptr + b * sdob + hq * sdoh + rm64[:, None] * sdot + rd[None, :] * sdod, mask=md, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse2 = tl.load(lse_ptr + pid_bh.to(tl.int64) * T + rm64, mask=m_ok, other=0.0)
+    delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * T + rm64, mask=m_ok, other=0.0)
+    gk = tl.load(gate_ptr + 2 * b).to(tl.float32)
+    gv = tl.load(gate_ptr + 2 * b + 1).to(tl.float32)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+
+    pk_base = pk_ptr + b * spkb + hk * spkh
+    pv_base = pv_ptr + b * spvb + hk * spvh
+    pre_scale = qk_scale2 * gk
+    for start in range(0, L, BLOCK_N):
+        rn = start + tl.arange(0, BLOCK_N)
+        n_ok = rn < L
+        kt = tl.load(pk_base + rn[None, :] * spkl + rd[:, None] * spkd,
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)            # Pk^T [D, N]
+        vt = tl.load(pv_base + rn[None, :] * spvl + rd[:, None] * spvd,
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)            # Pv^T [D, N]
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        p = tl.exp2(tl.dot(q, kt, input_precision=PRECISION) * pre_scale - lse2[:, None])
+        p = tl.where(n_ok[None, :], p, 0.0)
+        dp = tl.dot(do, vt, input_precision=PRECISION) * gv                   # dO (gv Pv)^T
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION) * gk
+
+    k_base = k_ptr + b * skb + hk * skh
+    v_base = v_ptr + b * svb + hk * svh
+    hi = T
+    if CAUSAL:
+        hi = tl.minimum(T, (pid_m + 1) * BLOCK_M)
+    for start in range(0, hi, BLOCK_N):
+        rn = start + tl.arange(0, BLOCK_N)
+        n_ok = rn < T
+        rn64 = rn.to(tl.int64)
+        kt = tl.load(k_base + rn64[None, :] * skt + rd[:, None] * skd,
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        vt = tl.load(v_base + rn64[None, :] * svt + rd[:, None] * svd,
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        p = tl.exp2(tl.dot(q, kt, input_precision=PRECISION) * qk_scale2 - lse2[:, None])
+        p = tl.where(n_ok[None, :], p, 0.0)
+        if CAUSAL:
+            p = tl.where(rn[None, :] <= rm[:, None], p, 0.0)
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+
+    dq = dq * sm_scale
+    tl.store(dq_ptr + b * sdqb + hq * sdqh + rm64[:, None] * sdqt + rd[None, :] * sdqd,
+             dq.to(dq_ptr.dtype.element_ty), mask=md)
+
+
+@triton.jit
+def _kv_block_bwd(
+    q_ptr, do_ptr, lse_ptr, delta_ptr, k, v, rn, n_ok, b, hk, T, HQ, GROUP, D,
+    sqb, sqh, sqt, sqd, sdob, sdoh, sdot, sdod,
+    s_scale2, v_scale, lo,
+    CAUSAL_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """For one key block (k, v [N, D], effective key scale s_scale2 in the log2 domain,
+    value scale v_scale) sum over the GROUP query heads and the query blocks from ``lo``:
+        dv_acc = P^T dO,   dk_acc = dS^T Q   (transposed scores: no transpose of P)."""
+    rd = tl.arange(0, BLOCK_D)
+    d_ok = rd < D
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for g in range(0, GROUP):
+        hq = hk * GROUP + g
+        row = (b * HQ + hq) * T
+        for start in range(lo, T, BLOCK_M):
+            rm = start + tl.arange(0, BLOCK_M)
+            m_ok = rm < T
+            rm64 = rm.to(tl.int64)
+            md = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_ptr + b * sqb + hq * sqh + rm64[:, None] * sqt + rd[None, :] * sqd, mask=md, other=0.0)
+            do = tl.load(do_ptr + b * sdob + hq * sdoh + rm64[:, None] * sdot + rd[None, :] * sdod, mask=md, other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse2 = tl.load(lse_ptr + row + rm64, mask=m_ok, other=0.0)
+            delta = tl.load(delta_ptr + row + rm64, mask=m_ok, other=0.0)
+            st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * s_scale2       # S^T [N, M]
+            valid = n_ok[:, None] & m_ok[None, :]
+            if CAUSAL_MASK:
+                valid = valid & (rm[None, :] >= rn[:, None])
+            pt = tl.where(valid, tl.exp2(st - lse2[None, :]), 0.0)                 # P^T
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)            # P^T dO
+            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION) * v_scale      # dP^T
+            dst = pt * (dpt - delta[None, :])                                       # dS^T
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)             # dS^T Q
+    return dk, dv
+
+
+@triton.jit
+def prefix_attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, gate_ptr, do_ptr, lse_ptr, delta_ptr,
+    dk_ptr, dv_ptr, dpk_ptr, dpv_ptr,
+    T, L, D, HQ, HKV, GROUP,
+    sqb, sqh, sqt, sqd,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    spkb, spkh, spkl, spkd,
+    spvb, spvh, spvl, spvd,
+    sdob, sdoh, sdot, sdod,
+    sdkb, sdkh, sdkt, sdkd,
+    sdvb, sdvh, sdvt, sdvd,
+    sm_scale, qk_scale2,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Programs 0 .. cdiv(L, BLOCK_N)-1 of axis 0: prefix blocks -> fp32 partials
+    dPk_eff = scale dS^T Q, dPv_eff = P^T dO, [B, HKV, L, D] contiguous.
+    The rest: sequence key blocks -> dK = scale dS^T Q, dV = P^T dO."""
+    pid_n = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = (pid_bk // HKV).to(tl.int64)
+    hk = (pid_bk % HKV).to(tl.int64)
+    rd = tl.arange(0, BLOCK_D)
+    d_ok = rd < D
+    n_pre = tl.cdiv(L, BLOCK_N)
+    if pid_n < n_pre:
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < L
+        nd = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(pk_ptr + b * spkb + hk * spkh + rn[:, None] * spkl + rd[None, :] * spkd, mask=nd, other=0.0)
+        v = tl.load(pv_ptr + b * spvb + hk * spvh + rn[:, None] * spvl + rd[None, :] * spvd, mask=nd, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        gk = tl.load(gate_ptr + 2 * b).to(tl.float32)
+        gv = tl.load(gate_ptr + 2 * b + 1).to(tl.float32)
+        dk, dv = _kv_block_bwd(
+            q_ptr, do_ptr, lse_ptr, delta_ptr, k, v, rn, n_ok, b, hk, T, HQ, GROUP, D,
+            sqb, sqh, sqt, sqd, sdob, sdoh, sdot, sdod,
+            qk_scale2 * gk, gv, 0,
+            False, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        base = (pid_bk.to(tl.int64) * L + rn[:, None].to(tl.int64)) * D + rd[None, :]
+        tl.store(dpk_ptr + base, dk * sm_scale, mask=nd)
+        tl.store(dpv_ptr + base, dv, mask=nd)
+    else:
+        n0 = (pid_n - n_pre) * BLOCK_N
+        rn = n0 + tl.arange(0, BLOCK_N)
+        n_ok = rn < T
+        rn64 = rn.to(tl.int64)
+        nd = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + b * skb + hk * skh + rn64[:, None] * skt + rd[None, :] * skd, mask=nd, other=0.0)
+        v = tl.load(v_ptr + b * svb + hk * svh + rn64[:, None] * svt + rd[None, :] * svd, mask=nd, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        lo = 0
+        if CAUSAL:
+            lo = (n0 // BLOCK_M) * BLOCK_M  # earlier query blocks cannot see this key block
+        dk, dv = _kv_block_bwd(
+            q_ptr, do_ptr, lse_ptr, delta_ptr, k, v, rn, n_ok, b, hk, T, HQ, GROUP, D,
+            sqb, sqh, sqt, sqd, sdob, sdoh, sdot, sdod,
+            qk_scale2, 1.0, lo,
+            CAUSAL, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        dk = dk * sm_scale
+        tl.store(dk_ptr + b * sdkb + hk * sdkh + rn64[:, None] * sdkt + rd[None, :] * sdkd,
+                 dk.to(dk_ptr.dtype.element_ty), mask=nd)
+        tl.store(dv_ptr + b * sdvb + hk * sdvh + rn64[:, None] * sdvt + rd[None, :] * sdvd,
+                 dv.to(dv_ptr.dtype.element_ty), mask=nd)
+
+
+def fwd_config(T, D, interpret):
+    """Launch config for the forward / dq kernels. GPU values follow the usual Hopper
+    flash-attention choices (128 x 64 tiles, 8 warps for D = 128); not yet tuned on a GPU."""
+    if interpret:
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+    if T <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    if D <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+
+
+def bwd_config(T, D, interpret):
+    """Launch config for the backward kernels (64 x 64 tiles keep dK, dV, Q, dO on chip)."""
+    if interpret:
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+    if D <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)

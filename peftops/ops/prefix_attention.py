@@ -1,0 +1,245 @@
+"""Prefix-aware attention: ``peftops.prefix_attention`` -- checks, dispatch, autograd, launchers.
+
+    O = softmax([Q (gk Pk)^T ; Q K^T] * scale) [gv Pv ; V],   scale = 1 / sqrt(D)
+
+One flash-attention-style forward kernel (prefix blocks first, then sequence blocks, one
+online softmax, logsumexp saved per row); backward: a preprocess kernel (delta = rowsum(dO O)),
+a dQ kernel per query block and a dK/dV kernel per key block whose extra programs produce
+the prefix gradients as per-(batch, kv head) partials reduced here in a fixed order. The
+algebra is in ``kernels/prefix_attention.py`` and beside each launch below.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _checks, reference
+from .._dispatch import record_launch, use_triton
+from .._launch import dot_precision, empty, kernels, next_pow2, upcast_dots
+
+__all__ = ["prefix_attention"]
+
+_LOG2E = 1.4426950408889634
+_MAX_HEAD_DIM = 256
+
+
+def prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    *,
+    prefix_gate: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``softmax([q (gk Pk)^T ; q k^T] * scale) [gv Pv ; v]`` without concatenating the prefix.
+
+    q ``[B, Hq, T, D]``; k, v ``[B, Hkv, T, D]`` with Hkv dividing Hq (grouped-query
+    attention: q head h reads kv head ``h // (Hq // Hkv)``); prefix_k, prefix_v
+    ``[Hkv, L, D]`` shared by the batch or ``[B, Hkv, L, D]``, L >= 1; prefix_gate None,
+    ``[B, 2]`` (key gate gk = gate[:, 0], value gate gv = gate[:, 1]) or ``[B, 1]`` (one gate
+    for both). ``is_causal`` masks inside the sequence only: query i sees the whole prefix
+    and keys 0..i. ``scale`` defaults to 1 / sqrt(D). Returns ``[B, Hq, T, D]`` in q's dtype.
+    """
+    scale = _check(q, k, v, prefix_k, prefix_v, prefix_gate, is_causal, scale)
+    unsupported = None
+    if q.dtype == torch.float64:
+        unsupported = "float64"
+    elif q.shape[-1] > _MAX_HEAD_DIM:
+        unsupported = f"head_dim>{_MAX_HEAD_DIM}"
+    if not use_triton("prefix_attention", q, k, v, prefix_k, prefix_v, prefix_gate, unsupported=unsupported):
+        return reference.prefix_attention(q, k, v, prefix_k, prefix_v, prefix_gate=prefix_gate,
+                                          is_causal=is_causal, scale=scale)
+    return _PrefixAttentionFn.apply(q, k, v, prefix_k, prefix_v, prefix_gate, bool(is_causal), scale)
+
+
+def _check(q, k, v, prefix_k, prefix_v, gate, is_causal, scale):
+    _checks.tensor("q", q, ndim=4)
+    _checks.tensor("k", k, ndim=4)
+    _checks.tensor("v", v, ndim=4)
+    _checks.tensor("prefix_k", prefix_k, ndim=(3, 4))
+    _checks.tensor("prefix_v", prefix_v, ndim=(3, 4))
+    B, Hq, T, D = q.shape
+    if D == 0:
+        raise ValueError(f"q has head_dim 0 (shape {tuple(q.shape)})")
+    if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D:
+        raise ValueError(f"k has shape {tuple(k.shape)} but q {tuple(q.shape)} needs [{B}, Hkv, {T}, {D}]")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v has shape {tuple(v.shape)} but k has shape {tuple(k.shape)}")
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"k has {Hkv} heads (shape {tuple(k.shape)}), which must divide q's {Hq} heads (shape {tuple(q.shape)})")
+    want = "[Hkv, L, D] = [{0}, L, {1}] or [B, Hkv, L, D] = [{2}, {0}, L, {1}]".format(Hkv, D, B)
+    pk_batch = prefix_k.shape[0] if prefix_k.dim() == 4 else None
+    if prefix_k.shape[-3] != Hkv or prefix_k.shape[-1] != D or (pk_batch is not None and pk_batch != B):
+        raise ValueError(f"prefix_k has shape {tuple(prefix_k.shape)}, expected {want}")
+    if prefix_k.shape[-2] == 0:
+        raise ValueError(f"prefix_k has prefix length L = 0 (shape {tuple(prefix_k.shape)}): L must be >= 1")
+    if tuple(prefix_v.shape) != tuple(prefix_k.shape):
+        raise ValueError(f"prefix_v has shape {tuple(prefix_v.shape)} but prefix_k has shape {tuple(prefix_k.shape)}")
+    _checks.same_dtype("q", q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v)
+    _checks.same_device("q", q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v)
+    if gate is not None:
+        _checks.tensor("prefix_gate", gate, ndim=2)
+        _checks.same_device("q", q, prefix_gate=gate)
+        if gate.shape[0] != B or gate.shape[1] not in (1, 2):
+            raise ValueError(f"prefix_gate has shape {tuple(gate.shape)}, expected [{B}, 2] (key, value gates) or [{B}, 1]")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    return _checks.finite_scalar("scale", scale)
+
+
+def _gate_pairs(gate, B, device):
+    """The gate as fp32 ``[B, 2]`` (gk, gv) rows; ones without a gate."""
+    if gate is None:
+        return torch.ones((B, 2), dtype=torch.float32, device=device)
+    return gate.detach().float().expand(B, 2).contiguous()
+
+
+class _PrefixAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, gate, is_causal, scale):
+        g = _gate_pairs(gate, q.shape[0], q.device)
+        o, lse = prefix_attention_fwd(q, k, v, prefix_k, prefix_v, g, is_causal, scale)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, g, o, lse)
+        ctx.is_causal, ctx.scale = is_causal, scale
+        ctx.gate_shape = None if gate is None else gate.shape
+        ctx.gate_dtype = None if gate is None else gate.dtype
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, prefix_k, prefix_v, g, o, lse = ctx.saved_tensors
+        dq, dk, dv, dpk, dpv, dg = prefix_attention_bwd(do, q, k, v, prefix_k, prefix_v, g, o, lse,
+                                                        ctx.is_causal, ctx.scale)
+        need = ctx.needs_input_grad
+        dgate = None
+        if need[5]:
+            dgate = dg if ctx.gate_shape[1] == 2 else dg.sum(1, keepdim=True)  # [B, 1]: d g = d gk + d gv
+            dgate = dgate.to(ctx.gate_dtype)
+        return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
+                dpk if need[3] else None, dpv if need[4] else None, dgate, None, None)
+
+
+# ------------------------------------------------------------------------ launchers
+def _strides4(t):
+    """Strides of a [B, H, N, D] tensor, or of a shared [H, N, D] one with batch stride 0."""
+    return tuple(t.stride()) if t.dim() == 4 else (0, *t.stride())
+
+
+def _interpret(t):
+    return t.device.type != "cuda"
+
+
+@torch.library.custom_op("peftops::prefix_attention_fwd", mutates_args=())
+def prefix_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+    gate: torch.Tensor, is_causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward: (O [B, Hq, T, D] in q's dtype, lse2 [B, Hq, T] fp32, base-2 logsumexp of
+    the scores times log2(e)). ``gate`` is fp32 [B, 2] (ones without a gate)."""
+    B, Hq, T, D = q.shape
+    Hkv, L = k.shape[1], prefix_k.shape[-2]
+    o = empty((B, Hq, T, D), q.dtype, q.device)
+    lse = empty((B, Hq, T), torch.float32, q.device)
+    if T == 0 or B == 0:
+        return o, lse
+    kk = kernels("prefix_attention")
+    cfg = kk.fwd_config(T, D, _interpret(q))
+    grid = (-(-T // cfg["BLOCK_M"]), B * Hq)
+    # s2 = (q . key) * scale * log2(e) (* gk for the prefix); O = sum 2^(s2 - m) value / sum 2^(s2 - m)
+    kk.prefix_attn_fwd_kernel[grid](
+        q, k, v, prefix_k, prefix_v, gate, o, lse,
+        T, L, D, Hq, Hq // Hkv,
+        *q.stride(), *k.stride(), *v.stride(), *_strides4(prefix_k), *_strides4(prefix_v), *o.stride(),
+        scale * _LOG2E,
+        CAUSAL=is_causal, UPCAST=upcast_dots(q.dtype), PRECISION=dot_precision(q.dtype),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=next_pow2(D),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    record_launch("prefix_attn_fwd")
+    return o, lse
+
+
+@prefix_attention_fwd.register_fake
+def _(q, k, v, prefix_k, prefix_v, gate, is_causal, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("peftops::prefix_attention_bwd", mutates_args=())
+def prefix_attention_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    is_causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused backward: (dq, dk, dv, dprefix_k, dprefix_v, dgate [B, 2] fp32)."""
+    B, Hq, T, D = q.shape
+    Hkv, L = k.shape[1], prefix_k.shape[-2]
+    if T == 0 or B == 0:
+        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(prefix_k),
+                torch.zeros_like(prefix_v), gate.new_zeros((B, 2)))
+    kk = kernels("prefix_attention")
+    interp = _interpret(q)
+    common = dict(UPCAST=upcast_dots(q.dtype), PRECISION=dot_precision(q.dtype), BLOCK_D=next_pow2(D))
+
+    # delta_i = rowsum(dO_i * O_i)   (= sum_j P_ij dP_ij, the softmax Jacobian's row term)
+    delta = empty((B, Hq, T), torch.float32, q.device)
+    pre_m = 32 if interp else 64
+    kk.prefix_attn_bwd_preprocess_kernel[(-(-T // pre_m), B * Hq)](
+        o, do, delta, T, D, Hq, *o.stride(), *do.stride(), BLOCK_M=pre_m, BLOCK_D=common["BLOCK_D"])
+    record_launch("prefix_attn_bwd_preprocess")
+
+    cfg = kk.bwd_config(T, D, interp)
+    blocks = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+                  num_stages=cfg["num_stages"])
+    # dQ = scale * (gk * dS_pre Pk + dS_seq K),  dS = P * (dO [gv Pv; V]^T - delta)
+    dq = empty(q.shape, q.dtype, q.device)
+    kk.prefix_attn_bwd_dq_kernel[(-(-T // cfg["BLOCK_M"]), B * Hq)](
+        q, k, v, prefix_k, prefix_v, gate, do, lse, delta, dq,
+        T, L, D, Hq, Hq // Hkv,
+        *q.stride(), *k.stride(), *v.stride(), *_strides4(prefix_k), *_strides4(prefix_v),
+        *do.stride(), *dq.stride(),
+        scale, scale * _LOG2E, CAUSAL=is_causal, **common, **blocks,
+    )
+    record_launch("prefix_attn_bwd_dq")
+
+    # dK = scale * dS_seq^T Q, dV = P_seq^T dO (summed over the group's q heads in-kernel);
+    # prefix programs: dPk_eff = scale * dS_pre^T Q, dPv_eff = P_pre^T dO per (b, kv head), fp32.
+    dk = empty(k.shape, k.dtype, k.device)
+    dv = empty(v.shape, v.dtype, v.device)
+    dpk_eff = empty((B, Hkv, L, D), torch.float32, q.device)
+    dpv_eff = empty((B, Hkv, L, D), torch.float32, q.device)
+    n_blocks = -(-L // cfg["BLOCK_N"]) + -(-T // cfg["BLOCK_N"])
+    kk.prefix_attn_bwd_dkdv_kernel[(n_blocks, B * Hkv)](
+        q, k, v, prefix_k, prefix_v, gate, do, lse, delta, dk, dv, dpk_eff, dpv_eff,
+        T, L, D, Hq, Hkv, Hq // Hkv,
+        *q.stride(), *k.stride(), *v.stride(), *_strides4(prefix_k), *_strides4(prefix_v),
+        *do.stride(), *dk.stride(), *dv.stride(),
+        scale, scale * _LOG2E, CAUSAL=is_causal, **common, **blocks,
+    )
+    record_launch("prefix_attn_bwd_dkdv")
+
+    # Effective prefix Pk_eff[b] = gk[b] Pk, Pv_eff[b] = gv[b] Pv:
+    #   dPk = sum_b gk[b] dPk_eff[b] (shared) or gk[b] dPk_eff[b] (per sample), same for v;
+    #   d gk[b] = <dPk_eff[b], Pk>, d gv[b] = <dPv_eff[b], Pv>  (fp32, fixed reduction order).
+    gk = gate[:, 0].view(B, 1, 1, 1)
+    gv = gate[:, 1].view(B, 1, 1, 1)
+    pk32 = prefix_k.float().expand(B, Hkv, L, D)
+    pv32 = prefix_v.float().expand(B, Hkv, L, D)
+    dgate = torch.stack([(dpk_eff * pk32).sum((1, 2, 3)), (dpv_eff * pv32).sum((1, 2, 3))], 1)
+    dpk = dpk_eff * gk
+    dpv = dpv_eff * gv
+    if prefix_k.dim() == 3:
+        dpk, dpv = dpk.sum(0), dpv.sum(0)
+    return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype), dgate
+
+
+@prefix_attention_bwd.register_fake
+def _(do, q, k, v, prefix_k, prefix_v, gate, o, lse, is_causal, scale):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), prefix_k.new_empty(prefix_k.shape),
+            prefix_v.new_empty(prefix_v.shape), gate.new_empty((q.shape[0], 2)))
