@@ -4,6 +4,8 @@ Ops (functional, autograd-aware) and drop-in modules; every op equals the plain-
 formula in ``peftops.reference``. Dispatch: ``PEFTOPS_BACKEND`` = auto | triton | reference.
 """
 from ._dispatch import backend, dispatch_counts, reset_dispatch_counts
+from .nn.adapter import BottleneckAdapter
+from .ops.adapter import bottleneck_adapter
 from .nn.lora import LoraLinear
 from .ops.fusion import adapter_fusion
 from .ops.lora import lora_linear
@@ -12,6 +14,8 @@ from .ops.prefix_attention import prefix_attention
 __version__ = "0.1.0"
 
 __all__ = [
+    "bottleneck_adapter",
+    "BottleneckAdapter",
     "backend",
     "dispatch_counts",
     "reset_dispatch_counts",
