@@ -7,6 +7,7 @@ from ._dispatch import backend, dispatch_counts, reset_dispatch_counts
 from .nn.adapter import BottleneckAdapter
 from .ops.adapter import bottleneck_adapter
 from .nn.lora import LoraLinear
+from .nn.fusion import AdapterFusion
 from .ops.fusion import adapter_fusion
 from .ops.lora import lora_linear
 from .ops.prefix_attention import prefix_attention
@@ -21,6 +22,7 @@ __all__ = [
     "reset_dispatch_counts",
     "lora_linear",
     "adapter_fusion",
+    "AdapterFusion",
     "LoraLinear",
     "prefix_attention",
 ]

@@ -1,0 +1,329 @@
+"""AdapterFusion: ``peftops.adapter_fusion`` against the float64 N-GEMM reference (output and
+every gradient), the looped kernel path, bad input, launches, and the ``AdapterFusion`` module."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import peftops
+from peftops import reference
+from peftops.nn.fusion import AdapterFusion
+from peftops.ops import fusion as fusion_ops
+from parity import BOUNDS, DEVICE, DTYPES, assert_close, check_parity, copy_as, randn
+
+GRADS = ["query", "adapter_outputs", "residual", "query_weight", "query_bias", "key_weight", "value_weight"]
+
+
+def _args(lead, n, d, *, noncontig=False, bias=True, score_scale=1.0):
+    """Masters in float64. Wq ~ 1/sqrt(d), Wk ~ 1/d keep the scores O(score_scale)."""
+    return dict(
+        query=randn(*lead, d, noncontig=noncontig),
+        adapter_outputs=randn(*lead, n, d, noncontig=noncontig),
+        residual=randn(*lead, d, noncontig=noncontig),
+        query_weight=randn(d, d, scale=1 / math.sqrt(d), noncontig=noncontig),
+        query_bias=randn(d, scale=0.5) if bias else None,
+        key_weight=randn(d, d, scale=score_scale / d, noncontig=noncontig),
+        key_bias=randn(d, scale=0.5) if bias else None,
+        value_weight=randn(d, d, scale=1 / math.sqrt(d), noncontig=noncontig),
+    )
+
+
+def _grads(args):
+    return [g for g in GRADS if args.get(g) is not None]
+
+
+CASES = [  # (lead, N, d, temperature)
+    ((37,), 1, 37, 1.0),
+    ((23,), 2, 67, 1.0),
+    ((3, 7), 3, 129, 0.5),
+    ((2, 5, 3), 5, 37, 2.5),
+    ((1,), 3, 67, 1.0),
+    ((41,), 16, 33, 1.0),
+]
+
+
+@pytest.mark.parametrize("lead,n,d,tau", CASES)
+def test_parity_fp32(lead, n, d, tau):
+    args = _args(lead, n, d)
+    check_parity(peftops.adapter_fusion, reference.adapter_fusion, args, _grads(args), torch.float32,
+                 op_kwargs=dict(temperature=tau), ref_kwargs=dict(temperature=tau))
+    counts = peftops.dispatch_counts()
+    assert counts.get("launch.fusion_fwd") == 1 and counts.get("launch.fusion_bwd") == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lead,n,d,tau", [((29,), 3, 67, 1.0), ((2, 9), 5, 37, 1.7)])
+def test_parity_half(dtype, lead, n, d, tau):
+    args = _args(lead, n, d)
+    check_parity(peftops.adapter_fusion, reference.adapter_fusion, args, _grads(args), dtype,
+                 op_kwargs=dict(temperature=tau), ref_kwargs=dict(temperature=tau))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_noncontiguous(dtype):
+    args = _args((19,), 3, 37, noncontig=True)
+    for name in ("query", "adapter_outputs", "query_weight", "value_weight"):
+        assert not args[name].is_contiguous()
+    check_parity(peftops.adapter_fusion, reference.adapter_fusion, args, _grads(args), dtype)
+
+
+def test_adapter_major_layout():
+    """adapter_outputs as a [N, T, d] buffer seen as [T, N, d] (large stride over N)."""
+    args = _args((31,), 4, 37)
+    args["adapter_outputs"] = randn(4, 31, 37)
+
+    def op(adapter_outputs, **kw):
+        u = adapter_outputs.transpose(0, 1)
+        assert u.stride(1) > u.stride(0)
+        return peftops.adapter_fusion(adapter_outputs=u, **kw)
+
+    def ref(adapter_outputs, **kw):
+        return reference.adapter_fusion(adapter_outputs=adapter_outputs.transpose(0, 1), **kw)
+
+    check_parity(op, ref, args, _grads(args), torch.float32)
+    assert peftops.dispatch_counts().get("launch.fusion_fwd") == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_looped_path(monkeypatch, dtype):
+    """Force the two-sweep path (chunks over d with a ragged tail) on a small shape."""
+    k = fusion_ops.kernels("fusion")
+    monkeypatch.setattr(k, "ONE_PASS_MAX_FWD", 0)
+    monkeypatch.setattr(k, "ONE_PASS_MAX_BWD", 0)
+    monkeypatch.setattr(k, "CHUNK_ELEMS", 64)
+    cfg = k.config(3, 67, backward=True)
+    assert not cfg["ONE_PASS"] and cfg["BLOCK_D"] < 67
+    args = _args((2, 11), 3, 67)
+    check_parity(peftops.adapter_fusion, reference.adapter_fusion, args, _grads(args), dtype,
+                 op_kwargs=dict(temperature=0.7), ref_kwargs=dict(temperature=0.7))
+
+
+def test_no_biases():
+    args = _args((13,), 2, 37, bias=False)
+    check_parity(peftops.adapter_fusion, reference.adapter_fusion, args, _grads(args), torch.float32)
+
+
+def test_peaked_scores_stay_finite():
+    """Scores of a few hundred: the softmax saturates, the max-subtraction keeps it finite."""
+    args = _args((17,), 5, 37, score_scale=300.0)
+    # With a nearly one-hot softmax the gradients that pass through the scores (dquery,
+    # dWq, dbq, dWk) are rounding-level in any precision, so compare the well-conditioned
+    # ones and require the rest to be finite.
+    copies = {k: copy_as(v, torch.float32, True) for k, v in args.items()}
+    check_parity(peftops.adapter_fusion, reference.adapter_fusion, args,
+                 ["adapter_outputs", "residual", "value_weight"], torch.float32)
+    out = peftops.adapter_fusion(**copies)
+    out.sum().backward()
+    for name, t in copies.items():
+        assert torch.isfinite(t.grad).all(), name
+
+
+@pytest.mark.parametrize("lead", [(0,), (2, 0), (1,), (1, 1)])
+def test_empty_and_single_token(lead):
+    args = _args(lead, 3, 37)
+    grads = _grads(args)
+    if math.prod(lead) == 0:
+        copies = {k: copy_as(v, torch.float32, k in grads) for k, v in args.items()}
+        out = peftops.adapter_fusion(**copies)
+        assert out.shape == (*lead, 37)
+        out.sum().backward()
+        for name in grads:
+            g = copies[name].grad
+            assert g is not None and g.shape == copies[name].shape
+            assert torch.count_nonzero(g) == 0
+    else:
+        check_parity(peftops.adapter_fusion, reference.adapter_fusion, args, grads, torch.float32)
+
+
+def test_key_bias_gradient_is_exactly_zero():
+    args = _args((21,), 3, 37)
+    copies = {k: copy_as(v, torch.float32, True) for k, v in args.items()}
+    masters = {k: v.detach().clone().requires_grad_() for k, v in args.items()}
+    dy = torch.randn(21, 37, dtype=torch.float64)
+    peftops.adapter_fusion(**copies).backward(dy.float())
+    reference.adapter_fusion(**masters).backward(dy)
+    assert torch.equal(copies["key_bias"].grad, torch.zeros(37))
+    # The reference gets it as a sum that cancels to rounding noise.
+    assert masters["key_bias"].grad.abs().max() < 1e-9
+    assert_close("dquery", copies["query"].grad, masters["query"].grad, BOUNDS[torch.float32])
+
+
+@pytest.mark.parametrize("only", ["adapter_outputs", "value_weight", "key_weight", "query"])
+def test_partial_requires_grad(only):
+    args = _args((15,), 3, 37)
+    check_parity(peftops.adapter_fusion, reference.adapter_fusion, args, [only], torch.float32)
+
+
+def test_launches_and_dispatch():
+    args = _args((9,), 2, 37)
+    copies = {k: copy_as(v, torch.float32, k == "adapter_outputs") for k, v in args.items()}
+    peftops.adapter_fusion(**copies).sum().backward()
+    counts = peftops.dispatch_counts()
+    assert counts["adapter_fusion.triton"] == 1
+    assert counts["launch.fusion_fwd"] == 1 and counts["launch.fusion_bwd"] == 1
+    assert "adapter_fusion.reference" not in counts
+
+
+def test_no_backward_launch_without_grad():
+    args = _args((9,), 2, 37)
+    with torch.no_grad():
+        peftops.adapter_fusion(**{k: copy_as(v, torch.float32) for k, v in args.items()})
+    counts = peftops.dispatch_counts()
+    assert counts["launch.fusion_fwd"] == 1 and "launch.fusion_bwd" not in counts
+
+
+def test_float64_falls_back_visibly():
+    args = _args((5,), 2, 37)
+    out = peftops.adapter_fusion(**args)
+    assert torch.equal(out, reference.adapter_fusion(**args))
+    counts = peftops.dispatch_counts()
+    assert counts["adapter_fusion.fallback"] == 1 and "launch.fusion_fwd" not in counts
+
+
+def test_reference_backend(monkeypatch):
+    monkeypatch.setenv("PEFTOPS_BACKEND", "reference")
+    args = {k: copy_as(v, torch.float32) for k, v in _args((5,), 2, 37).items()}
+    assert torch.equal(peftops.adapter_fusion(**args), reference.adapter_fusion(**args))
+    assert peftops.dispatch_counts()["adapter_fusion.reference"] == 1
+
+
+def test_custom_ops_opcheck():
+    u = torch.randn(5, 3, 37)
+    qk = torch.randn(5, 37)
+    torch.library.opcheck(fusion_ops.fusion_fwd, (u, qk, 1.5))
+    m, a = fusion_ops.fusion_fwd(u, qk, 1.5)
+    torch.library.opcheck(fusion_ops.fusion_bwd, (u, qk, a, torch.randn(5, 37), 1.5))
+
+
+# ------------------------------------------------------------------------ bad input
+def _bad(**override):
+    args = {k: copy_as(v, torch.float32) for k, v in _args((4,), 3, 8).items()}
+    temperature = override.pop("temperature", 1.0)
+    args.update(override)
+    return args, temperature
+
+
+@pytest.mark.parametrize("override,exc,match", [
+    (dict(adapter_outputs=torch.randn(4, 3, 9)), ValueError, "adapter_outputs"),
+    (dict(adapter_outputs=torch.randn(5, 3, 8)), ValueError, "adapter_outputs"),
+    (dict(adapter_outputs=torch.randn(4, 8)), ValueError, "adapter_outputs"),
+    (dict(adapter_outputs=torch.randn(4, 0, 8)), ValueError, "N = 0"),
+    (dict(residual=torch.randn(4, 9)), ValueError, "residual"),
+    (dict(residual=torch.randn(1, 8)), ValueError, "residual"),
+    (dict(query_weight=torch.randn(8, 9)), ValueError, "query_weight"),
+    (dict(key_weight=torch.randn(8)), ValueError, "key_weight"),
+    (dict(value_weight=torch.randn(9, 9)), ValueError, "value_weight"),
+    (dict(query_bias=torch.randn(9)), ValueError, "query_bias"),
+    (dict(key_bias=torch.randn(8, 1)), ValueError, "key_bias"),
+    (dict(query=torch.randn(())), ValueError, "query"),
+    (dict(value_weight=torch.randn(8, 8, dtype=torch.float16)), TypeError, "value_weight"),
+    (dict(residual=torch.ones(4, 8, dtype=torch.int64)), TypeError, "residual"),
+    (dict(query_weight=None), TypeError, "query_weight"),
+    (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(temperature=-1.0), ValueError, "temperature"),
+    (dict(temperature=float("nan")), ValueError, "temperature"),
+    (dict(temperature=torch.tensor(1.0)), TypeError, "temperature"),
+])
+def test_bad_input(override, exc, match):
+    args, temperature = _bad(**override)
+    with pytest.raises(exc, match=match):
+        peftops.adapter_fusion(**args, temperature=temperature)
+
+
+def test_bad_device():
+    args, _ = _bad()
+    args["residual"] = args["residual"].to("meta")
+    with pytest.raises(ValueError, match="residual"):
+        peftops.adapter_fusion(**args)
+
+
+# ------------------------------------------------------------------------ module
+def test_module_init_and_names():
+    torch.manual_seed(0)
+    d = 129
+    m = AdapterFusion(d)
+    assert set(m.state_dict()) == {"query.weight", "query.bias", "key.weight", "key.bias", "value.weight"}
+    assert m.value.bias is None
+    w = m.value.weight.detach()
+    assert torch.equal(torch.diagonal(w), torch.ones(d))
+    off = w[~torch.eye(d, dtype=torch.bool)]
+    assert torch.allclose(off, torch.full_like(off, 1e-6))
+    for lin in (m.query, m.key):
+        assert torch.count_nonzero(lin.bias) == 0
+        assert abs(lin.weight.std().item() - 0.02) < 2e-3 and abs(lin.weight.mean().item()) < 2e-3
+    assert m.T == 1.0
+    plain = AdapterFusion(d, value_initialized=False)
+    assert abs(plain.value.weight.std().item() - 0.02) < 2e-3
+
+
+def test_module_regularization_loss():
+    d = 37
+    m = AdapterFusion(d)
+    expect_init = 0.01 * d * (d - 1) * 1e-12
+    assert math.isclose(m.regularization_loss().item(), expect_init, rel_tol=1e-3)
+    with torch.no_grad():
+        m.value.weight.add_(torch.randn(d, d) * 0.1)
+    w = m.value.weight.detach().double()
+    expect = 0.01 * ((torch.eye(d, dtype=torch.float64) - w) ** 2).sum()
+    loss = m.regularization_loss()
+    assert math.isclose(loss.item(), expect.item(), rel_tol=1e-5)
+    loss.backward()
+    assert torch.allclose(m.value.weight.grad.double(), 0.02 * (w - torch.eye(d, dtype=torch.float64)), atol=1e-7)
+
+
+def test_module_forward_matches_reference():
+    torch.manual_seed(1)
+    d, n = 37, 3
+    m = AdapterFusion(d)
+    with torch.no_grad():  # move away from the identity-like init so every path matters
+        for lin in (m.query, m.key, m.value):
+            lin.weight.normal_(0.0, 1 / math.sqrt(d))
+        m.query.bias.normal_()
+    q, r = torch.randn(2, 5, d), torch.randn(2, 5, d)
+    u = [torch.randn(2, 5, d) for _ in range(n)]
+    out = m(q, u, r)
+    ref = reference.adapter_fusion(q.double(), torch.stack(u, -2).double(), r.double(),
+                                   *(t.double() for t in (m.query.weight, m.query.bias, m.key.weight,
+                                                          m.key.bias, m.value.weight)))
+    assert_close("module output", out, ref, BOUNDS[torch.float32])
+    out.sum().backward()
+    assert m.value.weight.grad is not None and torch.equal(m.key.bias.grad, torch.zeros(d))
+    assert peftops.dispatch_counts()["launch.fusion_fwd"] == 1
+    with pytest.raises(ValueError, match="empty"):
+        m(q, [], r)
+
+
+def test_module_temperature_schedule(monkeypatch):
+    m = AdapterFusion(16, temperature=True)
+    assert m.T == 50.0 and math.isclose(m.reduction, 0.05)
+    q, u, r = torch.randn(3, 16), torch.randn(3, 2, 16), torch.randn(3, 16)
+    seen = []
+    orig = reference.adapter_fusion
+
+    def spy(*a, temperature, **kw):
+        seen.append(temperature)
+        return orig(*a, temperature=temperature, **kw)
+
+    monkeypatch.setenv("PEFTOPS_BACKEND", "reference")
+    monkeypatch.setattr(reference, "adapter_fusion", spy)
+    m(q, u, r)
+    m(q, u, r)
+    assert seen == [50.0, 49.95]
+    assert math.isclose(m.T, 49.9)
+    m.eval()
+    m(q, u, r)
+    assert math.isclose(m.T, 49.9)  # evaluation does not advance the schedule
+    m.train()
+    m.T = 1.02
+    m(q, u, r)
+    assert m.T == 1.0
+    m(q, u, r)
+    assert m.T == 1.0 and seen[-1] == 1.0
+    assert AdapterFusion(16).T == 1.0
+
+
+def test_module_bad_size():
+    with pytest.raises(ValueError, match="hidden_size"):
+        AdapterFusion(0)
