@@ -1,0 +1,340 @@
+"""Bottleneck adapter: fused kernels (run by the Triton interpreter on CPU) vs the float64
+reference, output and every gradient; the module's three placements vs the METHODS.md
+formulas (written out again here, independently of the package); bad input; dispatch."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import peftops
+from peftops import reference
+from peftops.nn.adapter import BottleneckAdapter
+from parity import BOUNDS, DEVICE, DTYPES, TF32_BOUND, assert_close, check_parity, copy_as, randn
+
+ALL_GRADS = ("h", "down_weight", "down_bias", "up_weight", "up_bias", "residual")
+
+
+def adapter_args(lead, d, m, *, bias=True, gate=None, noncontig=False):
+    """float64 masters; weights scaled so the adapter branch is as large as the residual
+    (a small branch would hide its errors under the residual's norm)."""
+    args = dict(
+        h=randn(*lead, d, noncontig=noncontig),
+        down_weight=randn(m, d, scale=d ** -0.5, noncontig=noncontig),
+        down_bias=randn(m, scale=0.5) if bias else None,
+        up_weight=randn(d, m, scale=m ** -0.5 * 2.0),
+        up_bias=randn(d) if bias else None,
+        residual=randn(*lead, d, noncontig=noncontig),
+    )
+    if gate == "token":
+        args["gate"] = torch.rand(*lead, 1, dtype=torch.float64, device=DEVICE) + 0.1
+    elif gate == "sample":
+        args["gate"] = torch.rand(lead[0], *([1] * len(lead)), dtype=torch.float64, device=DEVICE) + 0.1
+    return args
+
+
+def run_parity(args, dtype, *, activation="relu", scaling=0.75, grads=ALL_GRADS, **kw):
+    grads = [g for g in grads if args.get(g) is not None] + (["gate"] if args.get("gate") is not None else [])
+    kwargs = dict(activation=activation, scaling=scaling)
+    return check_parity(peftops.bottleneck_adapter, reference.bottleneck_adapter, args, grads, dtype,
+                        op_kwargs=kwargs, ref_kwargs=kwargs, **kw)
+
+
+SHAPES = [  # (leading dims, d, m)
+    ((37,), 67, 24),
+    ((2, 19), 129, 5),
+    ((1,), 16, 16),
+    ((2, 3, 5), 37, 33),
+    ((70,), 130, 64),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,d,m", SHAPES)
+def test_parity_shapes(lead, d, m, dtype):
+    run_parity(adapter_args(lead, d, m), dtype)
+
+
+@pytest.mark.parametrize("gate", [None, "token", "sample"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_new", "silu", "swish"])
+def test_parity_activation_gate(activation, gate):
+    run_parity(adapter_args((3, 11), 67, 12, gate=gate), torch.float32, activation=activation, scaling=1.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("gate", ["token", "sample"])
+def test_parity_gate_half(gate, dtype):
+    run_parity(adapter_args((2, 13), 45, 20, gate=gate), dtype, activation="gelu_new")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_no_bias_noncontiguous(dtype):
+    args = adapter_args((2, 9), 67, 7, bias=False, noncontig=True)
+    assert not args["h"].is_contiguous()
+    run_parity(args, dtype, activation="silu")
+
+
+def test_wide_bottleneck_on_chip():
+    run_parity(adapter_args((20,), 40, 256), torch.float32, activation="gelu")
+    assert peftops.dispatch_counts().get("launch.adapter_fwd", 0) == 1
+
+
+@pytest.mark.parametrize("lead", [(0,), (2, 0), (1,), (1, 1)])
+def test_empty_and_single_row(lead):
+    run_parity(adapter_args(lead, 37, 5, gate="token"), torch.float32, activation="gelu")
+
+
+@pytest.mark.parametrize("gate", [None, "sample"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_residual_aliases_h(dtype, gate):
+    """residual is h itself: out = h + g s f(h); dh gets both contributions."""
+    m = adapter_args((3, 7), 45, 9, gate=gate)
+    grads = ["h", "down_weight", "up_weight", "up_bias"] + (["gate"] if gate else [])
+
+    def call(fn, t):
+        return fn(t["h"], t["down_weight"], t["down_bias"], t["up_weight"], t["up_bias"], residual=t["h"],
+                  activation="silu", scaling=0.5, gate=t.get("gate"))
+
+    copies = {k: copy_as(v, dtype, k in grads) for k, v in m.items() if v is not None}
+    masters = {k: v.detach().double().requires_grad_(k in grads) for k, v in copies.items()}
+    out, ref = call(peftops.bottleneck_adapter, copies), call(reference.bottleneck_adapter, masters)
+    assert_close("output", out, ref, BOUNDS[dtype])
+    dy = torch.randn_like(ref).to(dtype)
+    out.backward(dy)
+    ref.backward(dy.double())
+    for k in grads:
+        assert_close(f"d{k}", copies[k].grad, masters[k].grad, BOUNDS[dtype])
+
+
+def test_tf32():
+    torch.set_float32_matmul_precision("high")
+    run_parity(adapter_args((2, 17), 67, 24, gate="token"), torch.float32, bound=TF32_BOUND, activation="gelu")
+
+
+@pytest.mark.parametrize("grads", [("h",), ("residual",), ("down_weight", "up_bias"), ("up_weight",), ("down_bias",)])
+def test_partial_gradients(grads):
+    """Frozen parts of the adapter: only the gradients asked for, each still exact."""
+    run_parity(adapter_args((2, 11), 37, 6, gate="token"), torch.float32, grads=grads, activation="gelu")
+
+
+def test_inference_path_no_autograd():
+    args = adapter_args((2, 11), 67, 24, gate="sample")
+    t = {k: v.float() for k, v in args.items()}
+    with torch.no_grad():
+        out = peftops.bottleneck_adapter(t["h"], t["down_weight"], t["down_bias"], t["up_weight"], t["up_bias"],
+                                         residual=t["residual"], activation="gelu_new", scaling=2.0, gate=t["gate"])
+    ref = reference.bottleneck_adapter(args["h"], args["down_weight"], args["down_bias"], args["up_weight"],
+                                       args["up_bias"], residual=args["residual"], activation="gelu_new",
+                                       scaling=2.0, gate=args["gate"])
+    assert out.grad_fn is None
+    assert_close("output", out, ref, BOUNDS[torch.float32])
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    d=st.integers(1, 70),
+    m=st.integers(1, 40),
+    act=st.sampled_from(["relu", "gelu", "gelu_new", "silu"]),
+    gate=st.sampled_from([None, "token", "sample"]),
+    bias=st.booleans(),
+    scaling=st.floats(-4.0, 4.0).filter(lambda s: abs(s) > 1e-2),
+)
+def test_parity_any_shape(lead, d, m, act, gate, bias, scaling):
+    run_parity(adapter_args(tuple(lead), d, m, gate=gate, bias=bias), torch.float32, activation=act, scaling=scaling)
+
+
+# ---------------------------------------------------------------------------- dispatch
+def test_kernels_launched():
+    args = {k: v.float().requires_grad_(True) for k, v in adapter_args((2, 9), 37, 6).items()}
+    out = peftops.bottleneck_adapter(args["h"], args["down_weight"], args["down_bias"], args["up_weight"],
+                                     args["up_bias"], residual=args["residual"])
+    counts = peftops.dispatch_counts()
+    assert counts.get("launch.adapter_fwd") == 1 and counts.get("adapter.triton") == 1
+    out.sum().backward()
+    counts = peftops.dispatch_counts()
+    assert counts.get("launch.adapter_bwd_rows") == 1
+    assert counts.get("launch.adapter_bwd_weights") == 1
+    assert not any(k.startswith("adapter.fallback") for k in counts)
+
+
+def test_frozen_weights_skip_weight_kernel():
+    a = adapter_args((2, 9), 37, 6)
+    h = a["h"].float().requires_grad_(True)
+    out = peftops.bottleneck_adapter(h, a["down_weight"].float(), a["down_bias"].float(), a["up_weight"].float(),
+                                     a["up_bias"].float(), residual=a["residual"].float())
+    out.sum().backward()
+    counts = peftops.dispatch_counts()
+    assert counts.get("launch.adapter_bwd_rows") == 1
+    assert "launch.adapter_bwd_weights" not in counts
+
+
+def test_fallbacks_are_visible():
+    a = adapter_args((5,), 16, 3)
+    out = peftops.bottleneck_adapter(a["h"], a["down_weight"], a["down_bias"], a["up_weight"], a["up_bias"],
+                                     residual=a["residual"])
+    assert peftops.dispatch_counts().get("adapter.fallback:float64") == 1
+    assert out.dtype == torch.float64
+    w = adapter_args((3,), 8, 257)
+    t = {k: v.float() for k, v in w.items()}
+    out = peftops.bottleneck_adapter(t["h"], t["down_weight"], t["down_bias"], t["up_weight"], t["up_bias"],
+                                     residual=t["residual"])
+    assert peftops.dispatch_counts().get("adapter.fallback", 0) == 2
+    assert "launch.adapter_fwd" not in peftops.dispatch_counts()
+    assert_close("output", out, reference.bottleneck_adapter(w["h"], w["down_weight"], w["down_bias"],
+                 w["up_weight"], w["up_bias"], residual=w["residual"]), BOUNDS[torch.float32])
+
+
+# ---------------------------------------------------------------------------- bad input
+def _good():
+    return {k: v.float() for k, v in adapter_args((2, 3), 8, 4).items()}
+
+
+def _call(t, **over):
+    t = {**t, **over}
+    kw = {k: t[k] for k in ("residual", "activation", "scaling", "gate") if k in t}
+    return peftops.bottleneck_adapter(t["h"], t["down_weight"], t["down_bias"], t["up_weight"], t["up_bias"], **kw)
+
+
+@pytest.mark.parametrize("over,exc,words", [
+    (dict(h=torch.randn(2, 3, 9)), ValueError, ["h", "(2, 3, 9)", "down_weight"]),
+    (dict(down_weight=torch.randn(4, 8, 1)), ValueError, ["down_weight", "dims"]),
+    (dict(down_weight=torch.randn(0, 8), up_weight=torch.randn(8, 0)), ValueError, ["m = 0"]),
+    (dict(down_bias=torch.randn(5)), ValueError, ["down_bias", "(5,)"]),
+    (dict(up_weight=torch.randn(4, 8)), ValueError, ["up_weight", "(4, 8)", "[8, 4]"]),
+    (dict(up_bias=torch.randn(4)), ValueError, ["up_bias", "(4,)"]),
+    (dict(residual=torch.randn(2, 8)), ValueError, ["residual", "(2, 8)", "(2, 3, 8)"]),
+    (dict(residual=torch.randn(2, 3, 8, dtype=torch.float16)), TypeError, ["residual", "float16"]),
+    (dict(up_weight=torch.randn(8, 4, dtype=torch.float64)), TypeError, ["up_weight", "float64"]),
+    (dict(h=torch.ones(2, 3, 8, dtype=torch.int32)), TypeError, ["h", "int32"]),
+    (dict(residual=None), TypeError, ["residual"]),
+    (dict(activation="tanh"), ValueError, ["activation", "tanh"]),
+    (dict(scaling=float("nan")), ValueError, ["scaling"]),
+    (dict(scaling=torch.tensor(1.0)), TypeError, ["scaling"]),
+    (dict(gate=torch.rand(3, 1, 1)), ValueError, ["gate", "(3, 1, 1)"]),
+    (dict(gate=torch.rand(2, 3, 8)), ValueError, ["gate", "(2, 3, 8)"]),
+])
+def test_bad_input(over, exc, words):
+    with pytest.raises(exc) as info:
+        _call(_good(), **over)
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+def test_missing_residual_is_an_error():
+    t = _good()
+    with pytest.raises(TypeError):
+        peftops.bottleneck_adapter(t["h"], t["down_weight"], t["down_bias"], t["up_weight"], t["up_bias"])
+
+
+# ---------------------------------------------------------------------------- module
+def _formula_f(z, wd, bd, wu, bu, act):
+    """f(z) = act(z Wd^T + bd) Wu^T + bu, written out from METHODS.md."""
+    pre = z @ wd.t() + bd
+    if act == "relu":
+        a = torch.clamp(pre, min=0)
+    elif act in ("swish", "silu"):
+        a = pre * torch.sigmoid(pre)
+    elif act == "gelu":
+        a = 0.5 * pre * (1 + torch.erf(pre / math.sqrt(2)))
+    else:  # gelu_new
+        a = 0.5 * pre * (1 + torch.tanh(math.sqrt(2 / math.pi) * (pre + 0.044715 * pre ** 3)))
+    return a @ wu.t() + bu
+
+
+def _formula_ln(x, w, b, eps):
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + eps) * w + b
+
+
+def _placement_formula(placement, h, x_in, p, act, s, ln_w, ln_b, eps, gate=None):
+    def sf(z):
+        out = s * _formula_f(z, p["adapter_down.0.weight"], p["adapter_down.0.bias"], p["adapter_up.weight"],
+                             p["adapter_up.bias"], act)
+        return out if gate is None else gate * out
+
+    def ln(x):
+        return _formula_ln(x, ln_w, ln_b, eps)
+
+    if placement == "pfeiffer":   # y = LN(h + s f(LN(h + x_in)) + x_in)
+        return ln(h + sf(ln(h + x_in)) + x_in)
+    if placement == "houlsby":    # y = LN(h + s f(h) + x_in)
+        return ln(h + sf(h) + x_in)
+    return ln(h + sf(x_in) + x_in)  # parallel: y = LN(h + s f(x_in) + x_in)
+
+
+@pytest.mark.parametrize("gate", [False, True])
+@pytest.mark.parametrize("placement,act,scale,reduction", [
+    ("pfeiffer", "relu", 1.0, 16), ("houlsby", "swish", 1.0, 16), ("parallel", "relu", 4.0, 2),
+])
+def test_module_placements(placement, act, scale, reduction, gate):
+    d = 67
+    torch.manual_seed(3)
+    mod = BottleneckAdapter(d, placement=placement).to(DEVICE)
+    assert (mod.non_linearity, mod.scaling, mod.bottleneck_size) == (act, scale, max(1, d // reduction))
+    ln = torch.nn.LayerNorm(d, eps=1e-5).to(DEVICE)
+    with torch.no_grad():  # non-trivial weights everywhere (the default init hides bugs)
+        for p in list(mod.parameters()) + list(ln.parameters()):
+            p.copy_(torch.randn_like(p) * (0.3 if p.dim() == 2 else 0.5) + (1.0 if p is ln.weight else 0.0))
+    h = randn(2, 9, d).float().requires_grad_(True)
+    x_in = randn(2, 9, d).float().requires_grad_(True)
+    g = (torch.rand(2, 1, 1, device=DEVICE) + 0.1).requires_grad_(True) if gate else None
+    out = mod(h, x_in, ln, gate=g)
+
+    params = {k: v.detach().double().requires_grad_(True) for k, v in mod.named_parameters()}
+    lw, lb = ln.weight.detach().double().requires_grad_(True), ln.bias.detach().double().requires_grad_(True)
+    h64, x64 = h.detach().double().requires_grad_(True), x_in.detach().double().requires_grad_(True)
+    g64 = g.detach().double().requires_grad_(True) if gate else None
+    ref = _placement_formula(placement, h64, x64, params, act, scale, lw, lb, 1e-5, g64)
+    assert_close("output", out, ref, 1e-4)
+    dy = torch.randn_like(ref)
+    out.backward(dy.float())
+    ref.backward(dy)
+    assert peftops.dispatch_counts().get("launch.adapter_fwd") == 1
+    for name, p in mod.named_parameters():
+        assert_close(f"d{name}", p.grad, params[name].grad, 1e-4)
+    for name, got, want in [("h", h, h64), ("x_in", x_in, x64), ("ln.weight", ln.weight, lw), ("ln.bias", ln.bias, lb)]:
+        assert_close(f"d{name}", got.grad, want.grad, 1e-4)
+    if gate:
+        assert_close("dgate", g.grad, g64.grad, 1e-4)
+
+
+def test_module_without_layer_norm():
+    d = 40
+    mod = BottleneckAdapter(d, reduction_factor=8, placement="houlsby", non_linearity="gelu", scaling=0.5)
+    with torch.no_grad():
+        mod.adapter_up.weight.normal_()
+    h, x_in = torch.randn(3, d), torch.randn(3, d)
+    p = {k: v.detach() for k, v in mod.named_parameters()}
+    want = h + 0.5 * _formula_f(h, p["adapter_down.0.weight"], p["adapter_down.0.bias"], p["adapter_up.weight"],
+                                p["adapter_up.bias"], "gelu") + x_in
+    assert_close("output", mod(h, x_in), want, 1e-5)
+
+
+def test_module_names_and_init():
+    d = 64
+    mod = BottleneckAdapter(d, reduction_factor=4, init_weights="bert")
+    assert sorted(mod.state_dict()) == ["adapter_down.0.bias", "adapter_down.0.weight", "adapter_up.bias",
+                                        "adapter_up.weight"]
+    assert mod.adapter_down[0].weight.shape == (16, d) and mod.adapter_up.weight.shape == (d, 16)
+    assert 0.01 < mod.adapter_down[0].weight.std().item() < 0.03   # bert: N(0, 0.02)
+    assert mod.adapter_up.bias.abs().max() == 0 and mod.adapter_down[0].bias.abs().max() == 0
+    mam = BottleneckAdapter(d, reduction_factor=4, init_weights="mam_adapter")
+    assert mam.adapter_up.weight.abs().max() == 0 and mam.adapter_down[0].weight.abs().max() > 0
+    near = BottleneckAdapter(d, reduction_factor=4, init_weights="houlsby")
+    assert 0 < near.adapter_up.weight.abs().max() <= 2e-2
+    # mam_adapter (up = 0) is exactly the identity adapter: y = LN(h + x_in)
+    ln = torch.nn.LayerNorm(d)
+    h, x_in = torch.randn(5, d), torch.randn(5, d)
+    assert_close("identity", mam(h, x_in, ln), ln(h + x_in), 1e-6)
+    with pytest.raises(ValueError, match="placement"):
+        BottleneckAdapter(d, placement="sideways")
+    with pytest.raises(ValueError, match="init_weights"):
+        BottleneckAdapter(d, init_weights="xavier")
+    with pytest.raises(ValueError, match="non_linearity"):
+        BottleneckAdapter(d, non_linearity="tanh")
+    with pytest.raises(ValueError, match="reduction_factor"):
+        BottleneckAdapter(d, reduction_factor=0)
