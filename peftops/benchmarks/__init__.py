@@ -2,5 +2,6 @@
 
 # method name -> module defining ``cases(device, dtype, small)``; each slice adds its line.
 METHODS = {
+    "fusion": "peftops.benchmarks.fusion",
     "lora": "peftops.benchmarks.lora",
 }
