@@ -10,11 +10,17 @@ from .nn.lora import LoraLinear
 from .nn.fusion import AdapterFusion
 from .ops.fusion import adapter_fusion
 from .ops.lora import lora_linear
+from .ops.ia3 import ia3_linear
+from .nn.ia3 import IA3Linear
+from .nn.bitfit import bitfit
 from .ops.prefix_attention import prefix_attention
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ia3_linear",
+    "IA3Linear",
+    "bitfit",
     "bottleneck_adapter",
     "BottleneckAdapter",
     "backend",

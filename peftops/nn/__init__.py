@@ -2,5 +2,7 @@
 from .adapter import BottleneckAdapter
 from .fusion import AdapterFusion
 from .lora import LoraLinear
+from .ia3 import IA3Linear
+from .bitfit import bitfit
 
-__all__ = ["AdapterFusion", "BottleneckAdapter", "LoraLinear"]
+__all__ = ["IA3Linear", "bitfit", "AdapterFusion", "BottleneckAdapter", "LoraLinear"]

@@ -2,6 +2,7 @@
 from .adapter import bottleneck_adapter
 from .fusion import adapter_fusion
 from .lora import lora_linear
+from .ia3 import ia3_linear
 from .prefix_attention import prefix_attention
 
-__all__ = ["bottleneck_adapter", "adapter_fusion", "lora_linear", "prefix_attention"]
+__all__ = ["ia3_linear", "bottleneck_adapter", "adapter_fusion", "lora_linear", "prefix_attention"]
