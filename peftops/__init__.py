@@ -14,6 +14,7 @@ from .ops.ia3 import ia3_linear
 from .nn.ia3 import IA3Linear
 from .nn.bitfit import bitfit
 from .ops.prefix_attention import prefix_attention
+from .nn.prefix import PrefixEncoder
 
 __version__ = "0.1.0"
 
@@ -31,4 +32,5 @@ __all__ = [
     "AdapterFusion",
     "LoraLinear",
     "prefix_attention",
+    "PrefixEncoder",
 ]

@@ -4,5 +4,6 @@ from .fusion import AdapterFusion
 from .lora import LoraLinear
 from .ia3 import IA3Linear
 from .bitfit import bitfit
+from .prefix import PrefixEncoder
 
-__all__ = ["IA3Linear", "bitfit", "AdapterFusion", "BottleneckAdapter", "LoraLinear"]
+__all__ = ["IA3Linear", "bitfit", "AdapterFusion", "BottleneckAdapter", "LoraLinear", "PrefixEncoder"]

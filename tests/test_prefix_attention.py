@@ -1,0 +1,253 @@
+"""Prefix attention: fused kernels (Triton interpreter on CPU) vs the float64 concat
+reference, output and every gradient; the PrefixEncoder; bad input; dispatch."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import peftops
+from peftops import reference
+from peftops.nn.prefix import PrefixEncoder
+from parity import BOUNDS, DEVICE, DTYPES, TF32_BOUND, assert_close, check_parity, copy_as, randn
+
+GRADS = ["q", "k", "v", "prefix_k", "prefix_v"]
+
+
+def pa_args(B, Hq, Hkv, T, L, D, *, shared=True, gate=None, noncontig=False):
+    """float64 masters; gate values in (0.2, 1.2) (never zero, so no term is hidden)."""
+    pre = (Hkv, L, D) if shared else (B, Hkv, L, D)
+    args = dict(
+        q=randn(B, Hq, T, D, noncontig=noncontig), k=randn(B, Hkv, T, D, noncontig=noncontig),
+        v=randn(B, Hkv, T, D, noncontig=noncontig),
+        prefix_k=randn(*pre, noncontig=noncontig), prefix_v=randn(*pre, noncontig=noncontig),
+    )
+    if gate is not None:
+        args["prefix_gate"] = torch.rand(B, gate, dtype=torch.float64, device=DEVICE) + 0.2
+    return args
+
+
+# The gate gradient is one scalar per sample, d g = sum_{t, l} dS * (q . Pk) over a softmax
+# gradient dS whose rows sum to zero: heavy cancellation, so in half precision the rounding
+# of the inputs alone moves it by up to ~1e-3 relative. It is held to DESIGN.md's half bound
+# (2e-2); everything else to tests/parity.py's tighter per-dtype bounds.
+HALF_GATE_BOUND = 2e-2
+
+
+def run_parity(args, dtype, causal, grads=None, bound=None, **kw):
+    """check_parity for the output and every gradient (the gate's with HALF_GATE_BOUND in half)."""
+    if grads is None:
+        grads = GRADS + (["prefix_gate"] if args.get("prefix_gate") is not None else [])
+    bound = BOUNDS[dtype] if bound is None else bound
+    masters, copies = {}, {}
+    for name, value in args.items():
+        masters[name] = value.detach().requires_grad_(name in grads)
+        copies[name] = copy_as(value, dtype, name in grads)
+    out = peftops.prefix_attention(**copies, is_causal=causal, **kw)
+    expect = reference.prefix_attention(**masters, is_causal=causal, **kw)
+    assert out.dtype == dtype
+    assert_close("output", out, expect, bound)
+    dy = torch.randn_like(expect)
+    expect.backward(dy)
+    out.backward(dy.to(dtype))
+    for name in grads:
+        got = copies[name].grad
+        assert got is not None and got.dtype == copies[name].dtype, name
+        b = HALF_GATE_BOUND if name == "prefix_gate" and dtype != torch.float32 else bound
+        assert_close(f"d{name}", got, masters[name].grad, b)
+    return out, expect
+
+
+CASES = [  # B, Hq, Hkv, T, L, D, causal, shared, gate
+    (1, 2, 1, 37, 13, 24, True, True, 2),      # GQA 2, D not a power of two, odd T and L
+    (2, 4, 1, 19, 10, 16, False, False, 1),    # GQA 4, per-sample prefix, one gate for k and v
+    (2, 2, 2, 33, 1, 32, True, False, None),   # MHA, L = 1, T over a block edge
+    (2, 4, 2, 1, 13, 16, False, True, 2),      # T = 1 (decode)
+    (1, 4, 4, 23, 37, 8, False, True, None),   # L > T, several prefix blocks, D = 8
+    (2, 4, 2, 17, 10, 20, True, True, 1),      # causal + gate [B, 1] + shared
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,Hq,Hkv,T,L,D,causal,shared,gate", CASES)
+def test_parity(B, Hq, Hkv, T, L, D, causal, shared, gate, dtype):
+    run_parity(pa_args(B, Hq, Hkv, T, L, D, shared=shared, gate=gate), dtype, causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_parity_noncontiguous(dtype):
+    args = pa_args(2, 4, 2, 13, 11, 16, gate=2, noncontig=True)
+    assert not args["q"].is_contiguous() and not args["prefix_k"].is_contiguous()
+    run_parity(args, dtype, True)
+
+
+def test_parity_bthd_layout():
+    """q, k, v as transposed views of [B, T, H, D] (what attention modules produce)."""
+    B, T, Hq, Hkv, D, L = 2, 21, 4, 2, 16, 10
+    args = dict(q=randn(B, T, Hq, D).transpose(1, 2), k=randn(B, T, Hkv, D).transpose(1, 2),
+                v=randn(B, T, Hkv, D).transpose(1, 2), prefix_k=randn(Hkv, L, D), prefix_v=randn(Hkv, L, D),
+                prefix_gate=torch.rand(B, 2, dtype=torch.float64) + 0.2)
+    out, _ = run_parity(args, torch.float32, True)
+    assert out.shape == (B, Hq, T, D)
+
+
+def test_only_some_gradients():
+    """A frozen model with a trainable prefix and gate (the prefix-tuning case)."""
+    run_parity(pa_args(2, 2, 1, 15, 10, 16, gate=2), torch.float32, True, grads=["prefix_k", "prefix_v", "prefix_gate"])
+
+
+def test_zero_gate_and_custom_scale():
+    """gk = 0 makes the prefix keys score 0 (they still take softmax mass); gv = 0 drops
+    their values. No division by a gate anywhere."""
+    args = pa_args(2, 2, 2, 9, 5, 16, gate=2)
+    args["prefix_gate"] = torch.tensor([[0.0, 0.7], [0.5, 0.0]], dtype=torch.float64)
+    check_parity(peftops.prefix_attention, reference.prefix_attention, args, GRADS + ["prefix_gate"],
+                 torch.float32, op_kwargs=dict(scale=0.3), ref_kwargs=dict(scale=0.3))
+
+
+def test_tf32_follows_matmul_precision():
+    torch.set_float32_matmul_precision("high")
+    run_parity(pa_args(1, 2, 1, 19, 10, 32, gate=2), torch.float32, True, bound=TF32_BOUND)
+
+
+def test_zero_length_sequence():
+    args = {n: t.float().requires_grad_() for n, t in pa_args(2, 2, 1, 0, 5, 16).items()}
+    out = peftops.prefix_attention(**args)
+    assert out.shape == (2, 2, 0, 16)
+    out.sum().backward()
+    for n in GRADS:
+        assert args[n].grad is not None and args[n].grad.abs().sum() == 0
+
+
+def test_reference_matches_sdpa():
+    """The reference itself equals torch's SDPA on the concatenated keys / values (ungated)."""
+    B, Hq, Hkv, T, L, D = 2, 4, 2, 11, 6, 16
+    a = pa_args(B, Hq, Hkv, T, L, D)
+    ref = reference.prefix_attention(**a, is_causal=True)
+    keys = torch.cat([a["prefix_k"].expand(B, -1, -1, -1), a["k"]], 2).repeat_interleave(2, 1)
+    vals = torch.cat([a["prefix_v"].expand(B, -1, -1, -1), a["v"]], 2).repeat_interleave(2, 1)
+    mask = torch.ones(T, L + T, dtype=torch.bool).tril(L)
+    sdpa = F.scaled_dot_product_attention(a["q"], keys, vals, attn_mask=mask)
+    assert_close("reference vs sdpa", ref, sdpa, 1e-12)
+
+
+def test_kernels_ran_not_reference():
+    peftops.reset_dispatch_counts()
+    run_parity(pa_args(1, 2, 1, 9, 3, 16, gate=2), torch.float32, True)
+    c = peftops.dispatch_counts()
+    assert c.get("prefix_attention.triton") == 1 and not c.get("prefix_attention.reference")
+    for kern in ("prefix_attn_fwd", "prefix_attn_bwd_preprocess", "prefix_attn_bwd_dq", "prefix_attn_bwd_dkdv"):
+        assert c.get(f"launch.{kern}") == 1, (kern, c)
+
+
+def test_repeatable_bitwise():
+    a = {n: t.float().requires_grad_() for n, t in pa_args(2, 4, 2, 17, 10, 16, gate=2).items()}
+    results = []
+    for _ in range(2):
+        for t in a.values():
+            t.grad = None
+        out = peftops.prefix_attention(**a, is_causal=True)
+        out.square().sum().backward()
+        results.append([out.detach().clone()] + [t.grad.clone() for t in a.values()])
+    for x, y in zip(*results):
+        assert torch.equal(x, y)
+
+
+def test_float64_falls_back_visibly():
+    peftops.reset_dispatch_counts()
+    a = pa_args(1, 2, 1, 5, 3, 8)
+    out = peftops.prefix_attention(**a)
+    assert_close("out", out, reference.prefix_attention(**a), 1e-12)
+    assert peftops.dispatch_counts().get("prefix_attention.fallback:float64") == 1
+
+
+def test_reference_backend(monkeypatch):
+    monkeypatch.setenv("PEFTOPS_BACKEND", "reference")
+    peftops.reset_dispatch_counts()
+    a = {n: t.float() for n, t in pa_args(1, 2, 1, 5, 3, 8).items()}
+    peftops.prefix_attention(**a)
+    c = peftops.dispatch_counts()
+    assert c.get("prefix_attention.reference") == 1 and not any(k.startswith("launch.") for k in c)
+
+
+def _bad(**over):
+    a = {n: t.float() for n, t in pa_args(2, 4, 2, 5, 3, 8, gate=2).items()}
+    a.update(over)
+    return a
+
+
+@pytest.mark.parametrize("args,exc,match", [
+    (lambda: _bad(q=torch.randn(4, 5, 8)), ValueError, "q must have 4 dims"),
+    (lambda: _bad(k=torch.randn(2, 3, 5, 8), v=torch.randn(2, 3, 5, 8)), ValueError, "must divide"),
+    (lambda: _bad(k=torch.randn(2, 2, 6, 8)), ValueError, "k has shape"),
+    (lambda: _bad(v=torch.randn(2, 2, 5, 7)), ValueError, "v has shape"),
+    (lambda: _bad(prefix_k=torch.randn(2, 3, 7)), ValueError, "prefix_k has shape"),
+    (lambda: _bad(prefix_k=torch.randn(3, 2, 3, 8), prefix_v=torch.randn(3, 2, 3, 8)), ValueError, "prefix_k has shape"),
+    (lambda: _bad(prefix_v=torch.randn(2, 4, 8)), ValueError, "prefix_v has shape"),
+    (lambda: _bad(prefix_k=torch.randn(2, 0, 8), prefix_v=torch.randn(2, 0, 8)), ValueError, "L = 0"),
+    (lambda: _bad(prefix_gate=torch.rand(2, 3)), ValueError, "prefix_gate has shape"),
+    (lambda: _bad(prefix_gate=torch.rand(1, 2)), ValueError, "prefix_gate has shape"),
+    (lambda: _bad(prefix_gate=torch.rand(2)), ValueError, "prefix_gate must have 2 dims"),
+    (lambda: _bad(k=torch.randn(2, 2, 5, 8, dtype=torch.float16)), TypeError, "k has dtype"),
+    (lambda: _bad(q=torch.randint(0, 3, (2, 4, 5, 8))), TypeError, "q must be a floating-point"),
+    (lambda: _bad(prefix_v=None), TypeError, "prefix_v must be a tensor"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_bad_input(args, exc, match):
+    with pytest.raises(exc, match=match):
+        peftops.prefix_attention(**args())
+
+
+def test_bad_flags():
+    a = _bad()
+    with pytest.raises(TypeError, match="is_causal"):
+        peftops.prefix_attention(**a, is_causal=1)
+    with pytest.raises(ValueError, match="scale"):
+        peftops.prefix_attention(**a, scale=float("inf"))
+
+
+# ------------------------------------------------------------------ PrefixEncoder
+def test_encoder_layout_matches_peft_split():
+    """PEFT's view: table [L, layers*2*H*D] -> [L, layers*2, H, D] -> per layer key = 2i, value = 2i+1."""
+    enc = PrefixEncoder(3, 2, 8, 5).double()
+    table = enc.table()
+    per = table.view(5, 3 * 2, 2, 8).permute(2, 0, 1, 3).split(2, dim=2)  # ours: [H, L, 2, D] per layer
+    for i, (pk, pv) in enumerate(enc()):
+        assert pk.shape == pv.shape == (2, 5, 8)
+        assert torch.equal(pk, per[i][:, :, 0]) and torch.equal(pv, per[i][:, :, 1])
+    assert torch.equal(enc.layer(1)[0], enc()[1][0])
+
+
+def test_encoder_reparameterised_trains_and_merges():
+    torch.manual_seed(0)
+    enc = PrefixEncoder(2, 2, 16, 10, prefix_projection=True, encoder_hidden_size=24)
+    assert set(dict(enc.named_parameters())) == {"embedding.weight", "transform.0.weight", "transform.0.bias",
+                                                 "transform.2.weight", "transform.2.bias"}
+    B, Hq, T, D = 2, 4, 9, 16
+    q, k, v = torch.randn(B, Hq, T, D), torch.randn(B, 2, T, D), torch.randn(B, 2, T, D)
+    layers = enc()
+    out = sum(peftops.prefix_attention(q, k, v, pk, pv, is_causal=True).square().sum() for pk, pv in layers)
+    out.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.parameters())
+    # the kernel's gradient through the strided views equals the reference's
+    grads = {n: p.grad.clone() for n, p in enc.named_parameters()}
+    enc.zero_grad()
+    ref = sum(reference.prefix_attention(q, k, v, pk, pv, is_causal=True).square().sum() for pk, pv in enc())
+    ref.backward()
+    for n, p in enc.named_parameters():
+        assert_close(n, grads[n], p.grad, 1e-4)
+    with torch.no_grad():
+        before = [(pk.clone(), pv.clone()) for pk, pv in enc()]
+    enc.merge_reparameterization()
+    assert enc.transform is None and tuple(enc.embedding.weight.shape) == (10, 2 * 2 * 2 * 16)
+    for (pk0, pv0), (pk1, pv1) in zip(before, enc()):
+        assert_close("merged k", pk1, pk0, 1e-6)
+        assert_close("merged v", pv1, pv0, 1e-6)
+
+
+def test_encoder_bad_args():
+    with pytest.raises(ValueError, match="num_virtual_tokens"):
+        PrefixEncoder(2, 2, 16, 0)
+    with pytest.raises(ValueError, match="head_dim"):
+        PrefixEncoder(2, 2, 1.5)
+    with pytest.raises(ValueError, match="encoder_hidden_size"):
+        PrefixEncoder(2, 2, 16, prefix_projection=True, encoder_hidden_size=0)
