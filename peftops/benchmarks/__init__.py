@@ -2,6 +2,7 @@
 
 # method name -> module defining ``cases(device, dtype, small)``; each slice adds its line.
 METHODS = {
+    "adapter": "peftops.benchmarks.adapter",
     "fusion": "peftops.benchmarks.fusion",
     "lora": "peftops.benchmarks.lora",
 }
