@@ -34,7 +34,7 @@ import triton.language as tl
 # the looped path on small shapes.
 ONE_PASS_MAX_FWD = 8192
 ONE_PASS_MAX_BWD = 4096
-CHUNK_ELEMS = 2048
+CHUNK_ELEMS = 4096
 
 
 def _pow2(n: int, minimum: int) -> int:

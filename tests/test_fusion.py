@@ -41,6 +41,8 @@ CASES = [  # (lead, N, d, temperature)
     ((2, 5, 3), 5, 37, 2.5),
     ((1,), 3, 67, 1.0),
     ((41,), 16, 33, 1.0),
+    ((9,), 17, 37, 1.0),   # N past a power of two: padded to 32, masked
+    ((7,), 2, 1, 1.0),     # d = 1
 ]
 
 
@@ -327,3 +329,19 @@ def test_module_temperature_schedule(monkeypatch):
 def test_module_bad_size():
     with pytest.raises(ValueError, match="hidden_size"):
         AdapterFusion(0)
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_config_blocks_are_gpu_legal(backward):
+    """Every block a power of two, N covered by BLOCK_N, D by BLOCK_D (one pass) or chunks
+    of >= 16 (looped), tiles bounded -- for the production shapes too (d = 4096, N = 16)."""
+    k = fusion_ops.kernels("fusion")
+    for n in (1, 2, 3, 8, 16, 17, 64):
+        for d in (1, 37, 129, 1024, 4096, 8192):
+            cfg = k.config(n, d, backward)
+            bn, bd = cfg["BLOCK_N"], cfg["BLOCK_D"]
+            assert bn & (bn - 1) == 0 and bd & (bd - 1) == 0 and bd >= 16 and bn >= n
+            if cfg["ONE_PASS"]:
+                assert bd >= d
+            assert bn * bd <= max(k.ONE_PASS_MAX_FWD, k.CHUNK_ELEMS, 16 * bn)
+            assert cfg["num_warps"] in (1, 2, 4, 8)
