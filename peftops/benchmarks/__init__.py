@@ -5,4 +5,5 @@ METHODS = {
     "adapter": "peftops.benchmarks.adapter",
     "fusion": "peftops.benchmarks.fusion",
     "lora": "peftops.benchmarks.lora",
+    "prefix_attention": "peftops.benchmarks.prefix_attention",
 }
