@@ -15,10 +15,13 @@ from .nn.ia3 import IA3Linear
 from .nn.bitfit import bitfit
 from .ops.prefix_attention import prefix_attention
 from .nn.prefix import PrefixEncoder
+from .integrations import accelerate, deaccelerate  # lazy: peft is imported on first call
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "accelerate",
+    "deaccelerate",
     "ia3_linear",
     "IA3Linear",
     "bitfit",
