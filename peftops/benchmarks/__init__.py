@@ -4,6 +4,7 @@
 METHODS = {
     "adapter": "peftops.benchmarks.adapter",
     "fusion": "peftops.benchmarks.fusion",
+    "ia3": "peftops.benchmarks.ia3",
     "lora": "peftops.benchmarks.lora",
     "prefix_attention": "peftops.benchmarks.prefix_attention",
 }
