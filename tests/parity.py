@@ -66,8 +66,10 @@ def check_parity(op, ref, args: dict, grads: list[str], dtype: torch.dtype, *,
     masters, copies = {}, {}
     for name, value in args.items():
         if isinstance(value, torch.Tensor):
-            masters[name] = value.detach().requires_grad_(name in grads)
+            # The reference sees exactly the values the op sees (rounded to ``dtype``), so
+            # the error measures the op's arithmetic, not the rounding of its inputs.
             copies[name] = copy_as(value, dtype, name in grads)
+            masters[name] = copies[name].detach().double().requires_grad_(name in grads)
         else:
             masters[name] = copies[name] = value
     out = op(**copies, **(op_kwargs or {}))
@@ -75,7 +77,7 @@ def check_parity(op, ref, args: dict, grads: list[str], dtype: torch.dtype, *,
     assert out.dtype == dtype, f"output dtype {out.dtype}, expected {dtype}"
     assert_close("output", out, expect, bound)
     if grads:
-        dy = torch.randn_like(expect) * out_scale
+        dy = (torch.randn_like(expect) * out_scale).to(dtype).double()
         expect.backward(dy)
         out.backward(dy.to(dtype))
         for name in grads:

@@ -108,6 +108,25 @@ def test_residual_aliases_h(dtype, gate):
         assert_close(f"d{k}", copies[k].grad, masters[k].grad, BOUNDS[dtype])
 
 
+@pytest.mark.parametrize("gate", [None, "token"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_second_residual(dtype, gate):
+    """out = residual + residual2 + g s f(h), both residuals read in the same pass."""
+    args = adapter_args((2, 7), 67, 12, gate=gate, noncontig=True)
+    args["residual2"] = randn(2, 7, 67)
+
+    def ref(residual, residual2, **kw):
+        return reference.bottleneck_adapter(residual=residual + residual2, **kw)
+
+    grads = list(ALL_GRADS) + ["residual2"] + (["gate"] if gate else [])
+    kwargs = dict(activation="gelu", scaling=0.5)
+    check_parity(peftops.bottleneck_adapter, ref, args, grads, dtype, op_kwargs=kwargs, ref_kwargs=kwargs)
+    with torch.no_grad():  # inference path
+        t = {k: v.float() for k, v in args.items()}
+        out = peftops.bottleneck_adapter(**t, **kwargs)
+    assert_close("no-grad output", out, ref(**args, **kwargs), BOUNDS[torch.float32])
+
+
 def test_tf32():
     torch.set_float32_matmul_precision("high")
     run_parity(adapter_args((2, 17), 67, 24, gate="token"), torch.float32, bound=TF32_BOUND, activation="gelu")
@@ -194,7 +213,7 @@ def _good():
 
 def _call(t, **over):
     t = {**t, **over}
-    kw = {k: t[k] for k in ("residual", "activation", "scaling", "gate") if k in t}
+    kw = {k: t[k] for k in ("residual", "activation", "scaling", "gate", "residual2") if k in t}
     return peftops.bottleneck_adapter(t["h"], t["down_weight"], t["down_bias"], t["up_weight"], t["up_bias"], **kw)
 
 
@@ -210,6 +229,8 @@ def _call(t, **over):
     (dict(up_weight=torch.randn(8, 4, dtype=torch.float64)), TypeError, ["up_weight", "float64"]),
     (dict(h=torch.ones(2, 3, 8, dtype=torch.int32)), TypeError, ["h", "int32"]),
     (dict(residual=None), TypeError, ["residual"]),
+    (dict(residual2=torch.randn(2, 8)), ValueError, ["residual2", "(2, 8)"]),
+    (dict(residual2=torch.randn(2, 3, 8, dtype=torch.float16)), TypeError, ["residual2", "float16"]),
     (dict(activation="tanh"), ValueError, ["activation", "tanh"]),
     (dict(scaling=float("nan")), ValueError, ["scaling"]),
     (dict(scaling=torch.tensor(1.0)), TypeError, ["scaling"]),
@@ -338,3 +359,20 @@ def test_module_names_and_init():
         BottleneckAdapter(d, non_linearity="tanh")
     with pytest.raises(ValueError, match="reduction_factor"):
         BottleneckAdapter(d, reduction_factor=0)
+
+
+def test_custom_ops_opcheck():
+    """The launchers' torch.library registrations (real and fake) agree, so torch.compile
+    can trace through them."""
+    from peftops.ops import adapter as adapter_ops
+
+    T, d, m = 5, 37, 6
+    h, r = torch.randn(T, d), torch.randn(T, d)
+    wd, bd, wu, bu = torch.randn(m, d), torch.randn(m), torch.randn(d, m), torch.randn(d)
+    g = torch.rand(T)
+    torch.library.opcheck(adapter_ops.adapter_fwd, (h, wd, bd, wu, bu, r, None, g, 1, 0.5, True))
+    torch.library.opcheck(adapter_ops.adapter_fwd, (h, wd, None, wu, None, r, h, None, 0, 0.5, False))
+    _, z = adapter_ops.adapter_fwd(h, wd, bd, wu, bu, r, None, g, 1, 0.5, True)
+    dy = torch.randn(T, d)
+    torch.library.opcheck(adapter_ops.adapter_bwd, (dy, h, z, wd, wu, bu, g, 1, 0.5, True, True, True, True, True))
+    torch.library.opcheck(adapter_ops.adapter_bwd, (dy, h, z, wd, wu, None, None, 3, 0.5, True, False, False, False, False))

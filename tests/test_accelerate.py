@@ -1,0 +1,295 @@
+"""``peftops.accelerate`` on real (tiny, config-built) transformers models vs plain peft.
+
+fp32 with IEEE dots, the kernels under the interpreter on CPU: logits and every trainable
+gradient within 1e-4 (relative); state_dict keys, Parameter objects and requires_grad
+flags unchanged; peft's model methods (save/load, merge_and_unload, set_adapter,
+disable_adapter, generate, mixed-batch adapter_names) keep working.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+import peftops  # noqa: E402
+from peft import IA3Config, LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from parity import rel_err  # noqa: E402
+
+TOL = 1e-4
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_bert(seed=0):
+    torch.manual_seed(seed)
+    cfg = BertConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    return BertModel(cfg).eval()
+
+
+def tiny_gpt2(seed=0):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def randomise(model, seed=1):
+    """LoRA B (and IA3 l, lora biases) non-zero: peft's zero init would hide bugs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "lora_A" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            elif "ia3_l" in n:
+                p.copy_(1 + torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def fwd_bwd(model, ids, **kw):
+    for p in model.parameters():
+        p.grad = None
+    out = model(input_ids=ids, **kw)
+    y = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    (y.float() * torch.linspace(-1, 1, y.shape[-1])).square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return y.detach(), grads
+
+
+def assert_same(model_a, model_b, ids, **kw):
+    ya, ga = fwd_bwd(model_a, ids, **kw)
+    yb, gb = fwd_bwd(model_b, ids, **kw)
+    assert rel_err(yb, ya) <= TOL, f"logits rel err {rel_err(yb, ya):.2e}"
+    assert ga.keys() == gb.keys() and ga
+    for n in ga:
+        assert ga[n].abs().sum() > 0, f"{n}: zero gradient (test cannot fail)"
+        assert rel_err(gb[n], ga[n]) <= TOL, f"{n}: grad rel err {rel_err(gb[n], ga[n]):.2e}"
+
+
+def pair(make, config, seed=1):
+    plain = randomise(get_peft_model(make(), config), seed)
+    fast = copy.deepcopy(plain)
+    return plain, fast
+
+
+IDS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(0))
+
+
+# ----------------------------------------------------------------------------- LoRA
+def test_llama_lora_all_linear_parity_and_identity():
+    plain, fast = pair(tiny_llama, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    params_before = dict(fast.named_parameters())
+    flags_before = {n: p.requires_grad for n, p in params_before.items()}
+    keys_before = list(fast.state_dict())
+    paths_before = {n for n, m in fast.named_modules() if isinstance(m, BaseTunerLayer)}
+    out, summary = peftops.accelerate(fast, return_summary=True)
+    assert out is fast and fast.peftops_summary is summary
+    assert set(summary.swapped) == paths_before and not summary.left
+    assert len(paths_before) == 14
+    for path in paths_before:  # a peftops module at peft's module path, still a peft tuner layer
+        m = fast.get_submodule(path)
+        assert isinstance(m, peftops.LoraLinear) and isinstance(m, BaseTunerLayer)
+    after = dict(fast.named_parameters())
+    assert list(fast.state_dict()) == keys_before == list(plain.state_dict())
+    assert all(after[n] is params_before[n] for n in params_before)  # same Parameter objects
+    assert {n: p.requires_grad for n, p in after.items()} == flags_before
+    peftops.reset_dispatch_counts()
+    assert_same(plain, fast, IDS)
+    c = peftops.dispatch_counts()
+    assert c.get("lora.triton") == 14 and c.get("launch.lora_gemm", 0) >= 14 and c.get("launch.lora_skinny", 0) >= 28
+    assert "accelerate.lora.peft_forward" not in c
+
+
+def test_accelerate_is_idempotent_and_reversible():
+    plain, fast = pair(tiny_llama, LoraConfig(r=2, target_modules=["q_proj"]))
+    peftops.accelerate(fast)
+    _, summary = peftops.accelerate(fast, return_summary=True)
+    assert len(summary.swapped) == 2 and not summary.left
+    peftops.deaccelerate(fast)
+    assert not any(isinstance(m, peftops.LoraLinear) for m in fast.modules())
+    assert torch.equal(fast(input_ids=IDS).logits, plain(input_ids=IDS).logits)
+
+
+def test_bert_several_adapters_rslora_bias_switching():
+    cfg_a = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "dense"], use_rslora=True)
+    cfg_b = LoraConfig(r=3, lora_alpha=5, target_modules=["query", "key"], lora_bias=True)
+    plain = get_peft_model(tiny_bert(), cfg_a, adapter_name="a")
+    plain.add_adapter("b", cfg_b)
+    randomise(plain)
+    fast = copy.deepcopy(plain)
+    peftops.accelerate(fast)
+    assert not fast.peftops_summary.left
+    assert_same(plain, fast, IDS)                      # adapter "a" active
+    for m in (plain, fast):
+        m.set_adapter("b")
+    assert_same(plain, fast, IDS)                      # switched: only "b" trains
+    assert all("lora_B.b" in n or "lora_A.b" in n for n, p in fast.named_parameters() if p.requires_grad)
+    for m in (plain, fast):
+        m.base_model.set_adapter(["a", "b"])           # both active: summed
+    assert_same(plain, fast, IDS)
+
+
+def test_gpt2_fan_in_fan_out_conv1d():
+    plain, fast = pair(tiny_gpt2, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                                             fan_in_fan_out=True))
+    peftops.accelerate(fast)
+    assert len(fast.peftops_summary.swapped) == 8 and not fast.peftops_summary.left
+    assert_same(plain, fast, IDS)
+
+
+def test_left_layers_are_reported_and_still_run(caplog):
+    # DoRA on q/v (a LoRA variant) and LoRA on the embedding: both stay peft's own.
+    plain = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True),
+                           adapter_name="dora")
+    plain.add_adapter("plain", LoraConfig(r=4, target_modules=["o_proj", "embed_tokens"]))
+    plain.base_model.set_adapter(["dora", "plain"])
+    randomise(plain)
+    fast = copy.deepcopy(plain)
+    with caplog.at_level(logging.WARNING, logger="peftops"):
+        _, summary = peftops.accelerate(fast, return_summary=True)
+    assert set(summary.swapped) == {f"base_model.model.model.layers.{i}.self_attn.o_proj" for i in range(2)}
+    left = summary.left
+    assert len(left) == 5
+    assert all("variant" in left[f"base_model.model.model.layers.{i}.self_attn.{p}"] for i in range(2)
+               for p in ("q_proj", "v_proj"))
+    assert "no peftops kernel" in left["base_model.model.model.embed_tokens"]
+    assert "left 5 as peft's own" in caplog.text and "DoraLinearVariant" in caplog.text
+    assert "left" in str(summary) and "embed_tokens" in str(summary)
+    assert_same(plain, fast, IDS)
+
+
+def test_runtime_fallbacks_mixed_batch_adapter_names():
+    plain = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), adapter_name="a")
+    plain.add_adapter("b", LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"]))
+    randomise(plain)
+    fast = copy.deepcopy(plain)
+    peftops.accelerate(fast)
+    names = ["a", "b"]
+    with torch.no_grad():
+        ya = plain(input_ids=IDS, adapter_names=names).logits
+        yb = fast(input_ids=IDS, adapter_names=names).logits
+    assert rel_err(yb, ya) <= TOL
+    assert peftops.dispatch_counts().get("accelerate.lora.peft_forward") == 4
+
+
+def test_dropout_trains_and_eval_matches():
+    plain, fast = pair(tiny_llama, LoraConfig(r=4, lora_dropout=0.3, target_modules=["q_proj", "v_proj"]))
+    peftops.accelerate(fast)
+    assert_same(plain, fast, IDS)  # eval: dropout off
+    fast.train()
+    y1, g = fwd_bwd(fast, IDS)
+    y2, _ = fwd_bwd(fast, IDS)
+    assert torch.isfinite(y1).all() and all(torch.isfinite(v).all() for v in g.values())
+    assert not torch.equal(y1, y2)  # a fresh mask per call
+    assert peftops.dispatch_counts().get("lora.triton", 0) >= 4
+
+
+# ----------------------------------------------------------------------------- peft methods
+def test_save_pretrained_reloads_in_plain_peft(tmp_path):
+    plain, fast = pair(tiny_llama, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    peftops.accelerate(fast)
+    fast.save_pretrained(tmp_path / "ckpt")
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "ckpt")
+    assert not any(isinstance(m, peftops.LoraLinear) for m in reloaded.modules())
+    with torch.no_grad():
+        assert rel_err(reloaded(input_ids=IDS).logits, plain(input_ids=IDS).logits) <= TOL
+    # and a from_pretrained model accelerates too
+    peftops.accelerate(reloaded)
+    assert len(reloaded.peftops_summary.swapped) == 14
+    with torch.no_grad():
+        assert rel_err(reloaded(input_ids=IDS).logits, plain(input_ids=IDS).logits) <= TOL
+
+
+def test_merge_and_unload_disable_adapter_generate():
+    plain, fast = pair(tiny_llama, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    peftops.accelerate(fast)
+    base_logits = tiny_llama()(input_ids=IDS).logits.detach()
+    with torch.no_grad():
+        with fast.disable_adapter():
+            assert rel_err(fast(input_ids=IDS).logits, base_logits) <= 1e-6
+        assert rel_err(fast(input_ids=IDS).logits, plain(input_ids=IDS).logits) <= TOL
+        assert rel_err(fast(input_ids=IDS).logits, base_logits) > 1e-3
+        gen_kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(fast.generate(input_ids=IDS[:, :5], **gen_kw), plain.generate(input_ids=IDS[:, :5], **gen_kw))
+        ref = plain(input_ids=IDS).logits
+        merged = fast.merge_and_unload()
+    assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
+    assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear
+    with torch.no_grad():
+        assert rel_err(merged(input_ids=IDS).logits, ref) <= TOL
+
+
+def test_lora_convergence_30_adamw_steps():
+    """30 AdamW steps, peft vs peft + accelerate: the same per-step loss (fp32). The
+    optimizer is built before ``accelerate`` (the Parameter objects must not change)."""
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    plain = get_peft_model(tiny_llama(), cfg).train()
+    fast = copy.deepcopy(plain)
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (plain, fast)]
+    peftops.accelerate(fast)
+    g = torch.Generator().manual_seed(3)
+    losses = [[], []]
+    for _ in range(30):
+        ids = torch.randint(0, 128, (2, 8), generator=g)
+        for k, (m, opt) in enumerate(zip((plain, fast), opts)):
+            opt.zero_grad()
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            losses[k].append(loss.item())
+    diffs = [abs(a - b) for a, b in zip(*losses)]
+    assert max(diffs) <= 1e-4, f"per-step loss differs by up to {max(diffs):.2e}"
+    assert losses[0][-1] < losses[0][0] - 0.1  # it trained (B starts at zero, so it must move)
+
+
+# ----------------------------------------------------------------------------- IA3
+def test_llama_ia3_parity_and_methods(tmp_path):
+    cfg = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    plain, fast = pair(tiny_llama, cfg)
+    keys = list(fast.state_dict())
+    peftops.accelerate(fast)
+    s = fast.peftops_summary
+    assert len(s.swapped) == 6 and not s.left
+    assert all(isinstance(fast.get_submodule(p), peftops.IA3Linear) for p in s.swapped)
+    assert list(fast.state_dict()) == keys
+    assert_same(plain, fast, IDS)
+    c = peftops.dispatch_counts()
+    assert c.get("ia3.triton", 0) >= 6 and any(k.startswith("launch.ia3") for k in c)
+    fast.save_pretrained(tmp_path / "ia3")
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "ia3")
+    with torch.no_grad():
+        ref = plain(input_ids=IDS).logits
+        assert rel_err(reloaded(input_ids=IDS).logits, ref) <= TOL
+        merged = fast.merge_and_unload()
+        assert rel_err(merged(input_ids=IDS).logits, ref) <= TOL
+
+
+def test_bert_ia3_parity():
+    cfg = IA3Config(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"])
+    plain, fast = pair(tiny_bert, cfg)
+    peftops.accelerate(fast)
+    assert len(fast.peftops_summary.swapped) == 8
+    assert_same(plain, fast, IDS)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_input():
+    with pytest.raises(TypeError, match="nn.Module"):
+        peftops.accelerate("not a model")
+    _, summary = peftops.accelerate(tiny_llama(), return_summary=True)  # no tuner layers: reported, no error
+    assert not summary.swapped and not summary.left
