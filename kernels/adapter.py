@@ -2,7 +2,7 @@
 
 Forward   z   = h Wd^T + bd                        [T, m]   (m = bottleneck width, on chip)
           a   = act(z)                             [T, m]
-          out = residual + G * (a Wu^T + bu)       [T, d]   G = scaling * gate (per row)
+          out = residual (+ residual2) + G * (a Wu^T + bu)   [T, d]   G = scaling * gate (per row)
 Backward  (z [T, m] fp32 is saved; a is recomputed from it)
           P   = dY Wu                              [T, m]
           dz  = G * P * act'(z)                    [T, m]
@@ -12,14 +12,15 @@ Backward  (z [T, m] fp32 is saved; a is recomputed from it)
           dbu = colsum(G dY)                       [d]
           dWd = dz^T h                             [m, d]   -- reduce over T
           dbd = colsum(dz)                         [m]      (host: dz is small)
-          dresidual = dY                           (host: no kernel)
+          dresidual = dresidual2 = dY              (host: no kernel)
 
 Three kernels:
 * ``adapter_fwd_kernel``: one program per block of rows. Pass 1 over d: z = h Wd^T (+bd)
   into an fp32 [BLOCK_M, BLOCK_W] accumulator (m padded to a power of two >= 16 with
   masked loads; padded columns of z are exactly 0, and act(0) = 0 for every activation).
-  Pass 2 over d: out tile = residual + G * (act(z) Wu^T + bu). h and residual are read once,
-  out written once; only z ([T, m] fp32, needed by backward) leaves the chip besides out.
+  Pass 2 over d: out tile = residual (+ residual2) + G * (act(z) Wu^T + bu). h and the
+  residual(s) are read once, out written once; only z ([T, m] fp32, needed by backward)
+  leaves the chip besides out.
 * ``adapter_bwd_rows_kernel``: one program per block of rows. Pass over dY: P = dY Wu
   (and dY . bu for the gate); then dz, dg; then a pass over d writing dh = dz Wd.
   Reads dY once, writes dh once.
@@ -75,13 +76,13 @@ def _act_grad(z, ACT: tl.constexpr):
 
 @triton.jit
 def adapter_fwd_kernel(
-    h_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, res_ptr, gate_ptr, out_ptr, z_ptr,
+    h_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, res_ptr, res2_ptr, gate_ptr, out_ptr, z_ptr,
     T, D, MW,
     stride_hm, stride_hd, stride_wdm, stride_wdd, stride_wud, stride_wum,
-    stride_rm, stride_rd, stride_om, stride_od,
+    stride_rm, stride_rd, stride_r2m, stride_r2d, stride_om, stride_od,
     scale,
     ACT: tl.constexpr, HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, HAS_GATE: tl.constexpr,
-    STORE_Z: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_RES2: tl.constexpr, STORE_Z: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -114,7 +115,7 @@ def adapter_fwd_kernel(
     if HAS_GATE:
         g = tl.load(gate_ptr + rm, mask=m_ok, other=0.0).to(tl.float32) * scale
 
-    # Pass 2: out = residual + G * (a Wu^T + bu), one column block at a time.
+    # Pass 2: out = residual (+ residual2) + G * (a Wu^T + bu), one column block at a time.
     for d0 in range(0, D, BLOCK_D):
         rd = d0 + tl.arange(0, BLOCK_D)
         d_ok = rd < D
@@ -131,8 +132,12 @@ def adapter_fwd_kernel(
             u = u * scale
         mask = m_ok[:, None] & d_ok[None, :]
         r = tl.load(res_ptr + rm64[:, None] * stride_rm + rd[None, :] * stride_rd, mask=mask, other=0.0)
+        u += r.to(tl.float32)
+        if HAS_RES2:
+            r2 = tl.load(res2_ptr + rm64[:, None] * stride_r2m + rd[None, :] * stride_r2d, mask=mask, other=0.0)
+            u += r2.to(tl.float32)
         tl.store(out_ptr + rm64[:, None] * stride_om + rd[None, :] * stride_od,
-                 (r.to(tl.float32) + u).to(out_ptr.dtype.element_ty), mask=mask)
+                 u.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

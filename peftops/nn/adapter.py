@@ -13,8 +13,9 @@ Call it where the model does ``LN(h + x_in)``: ``y = adapter(h, x_in, layer_norm
 (``layer_norm=None`` leaves the LN out). Houlsby puts one adapter after attention and one
 after the FFN: use one module per location. The fused op
 (``peftops.bottleneck_adapter``) computes ``residual + gate * s * f(z)`` in one pass with
-residual = h + x_in and z = LN(h + x_in) / h / x_in by placement; the model's LayerNorm
-runs as it is.
+residual = h + x_in and z = LN(h + x_in) / h / x_in by placement (for houlsby and parallel,
+h and x_in are both added inside the kernel, so their sum is never written to memory); the
+model's LayerNorm runs as it is.
 
 Gating (UniPELT): ``forward(..., gate=g)`` multiplies the adapter branch by g, any tensor
 broadcastable to ``y[..., :1]`` (per token ``[..., 1]`` or per sample ``[B, 1, 1]``),
@@ -123,25 +124,25 @@ class BottleneckAdapter(nn.Module):
                 nn.init.trunc_normal_(lin.weight, mean=0.0, std=1e-2, a=-2e-2, b=2e-2)
                 lin.bias.zero_()
 
-    def adapter(self, z: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        """``residual + gate * s * f(z)`` (the fused op, no LayerNorm)."""
+    def adapter(self, z: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor | None = None,
+                residual2: torch.Tensor | None = None) -> torch.Tensor:
+        """``residual (+ residual2) + gate * s * f(z)`` (the fused op, no LayerNorm)."""
         down, up = self.adapter_down[0], self.adapter_up
         return bottleneck_adapter(z, down.weight, down.bias, up.weight, up.bias, residual=residual,
-                                  activation=self.non_linearity, scaling=self.scaling, gate=gate)
+                                  activation=self.non_linearity, scaling=self.scaling, gate=gate,
+                                  residual2=residual2)
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor, layer_norm: nn.Module | None = None,
                 *, gate: torch.Tensor | None = None) -> torch.Tensor:
         """``hidden_states`` = h (sublayer output), ``input_tensor`` = x_in (sublayer input),
         ``layer_norm`` the model's LayerNorm (or None). Returns y as in the class docstring."""
         ln = layer_norm if layer_norm is not None else (lambda x: x)
-        residual = hidden_states + input_tensor
-        if self.placement == "pfeiffer":
-            z = ln(residual)
-        elif self.placement == "houlsby":
-            z = hidden_states
-        else:
-            z = input_tensor
-        return ln(self.adapter(z, residual, gate))
+        if self.placement == "pfeiffer":      # LN(h + x_in) needs the sum anyway: reuse it as the residual
+            residual = hidden_states + input_tensor
+            return ln(self.adapter(ln(residual), residual, gate))
+        z = hidden_states if self.placement == "houlsby" else input_tensor
+        # h and x_in both enter the kernel's residual add: h + x_in is never materialised.
+        return ln(self.adapter(z, hidden_states, gate, residual2=input_tensor))
 
     def extra_repr(self) -> str:
         return (f"placement={self.placement!r}, hidden_size={self.hidden_size}, bottleneck={self.bottleneck_size}, "

@@ -1,11 +1,12 @@
 """Bottleneck adapter: ``peftops.bottleneck_adapter`` -- checks, dispatch, autograd, launchers.
 
-    out = residual + gate * scaling * (act(h Wd^T + bd) Wu^T + bu)
+    out = residual (+ residual2) + gate * scaling * (act(h Wd^T + bd) Wu^T + bu)
 
 Forward: one kernel, one program per block of rows: down projection into an fp32 tile of
 width m (on chip), activation, up projection one column block at a time, scale, gate,
 residual add, store. Bytes: h and residual read once, out written once (+ the weights, and
-z = h Wd^T + bd [T, m] fp32 when a backward will need it).
+z = h Wd^T + bd [T, m] fp32 when a backward will need it); an optional ``residual2`` is read
+in the same pass (residual = h + x_in is then never materialised).
 Backward (algebra beside each launch in ``adapter_bwd``): a row kernel (one pass over dY
 gives P = dY Wu, then dz, the gate gradient, and dh = dz Wd) and a column kernel (one more
 pass over dY and h gives dWu, dbu, dWd as per-split fp32 partials summed here). Only h and
@@ -38,37 +39,43 @@ def bottleneck_adapter(
     activation: str = "relu",
     scaling: float = 1.0,
     gate: torch.Tensor | None = None,
+    residual2: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``residual + gate * scaling * up(act(down(h)))``.
+    """``residual + gate * scaling * up(act(down(h)))`` (``+ residual2`` when given).
 
     h ``[..., d]`` (the adapter's input); down_weight ``[m, d]``, down_bias ``[m]`` or None,
     up_weight ``[d, m]``, up_bias ``[d]`` or None (nn.Linear layout); residual: same shape,
     dtype and device as h (it may be h itself); activation one of ``ACTIVATIONS`` (gelu is
     the erf form, gelu_new the tanh approximation, swish = silu); scaling a Python float;
     gate None or broadcastable to ``out[..., :1]`` (per token ``[..., 1]`` or per sample
-    ``[B, 1, 1]``), differentiable. Every input gets its gradient.
+    ``[B, 1, 1]``), differentiable. ``residual2`` (optional, like residual) is added in the
+    same pass, so a caller whose residual is a sum (the module's ``h + x_in``) need not
+    materialise it. Every input gets its gradient.
     """
-    act, scaling = _check(h, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling, gate)
+    act, scaling = _check(h, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling, gate,
+                          residual2)
     m = down_weight.shape[0]
     unsupported = None
     if h.dtype == torch.float64:
         unsupported = "float64"
     elif m > MAX_KERNEL_WIDTH:
         unsupported = f"bottleneck width m={m} > {MAX_KERNEL_WIDTH}"
-    if not use_triton("adapter", h, down_weight, down_bias, up_weight, up_bias, residual, gate, unsupported=unsupported):
+    tensors = (h, down_weight, down_bias, up_weight, up_bias, residual, gate, residual2)
+    if not use_triton("adapter", *tensors, unsupported=unsupported):
+        if residual2 is not None:
+            residual = residual + residual2
         return reference.bottleneck_adapter(h, down_weight, down_bias, up_weight, up_bias, residual=residual,
                                             activation=activation, scaling=scaling, gate=gate)
-    tensors = (h, down_weight, down_bias, up_weight, up_bias, residual, gate)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return _AdapterFn.apply(h, down_weight, down_bias, up_weight, up_bias, residual, gate, act, scaling)
+        return _AdapterFn.apply(*tensors, act, scaling)
     # Inference: no autograd node, and z is not written.
     lead = h.shape[:-1]
     out, _ = adapter_fwd(rows(h), down_weight, down_bias, up_weight, up_bias, rows(residual),
-                         _gate_rows(gate, lead), act, scaling, False)
+                         None if residual2 is None else rows(residual2), _gate_rows(gate, lead), act, scaling, False)
     return out.view(*lead, h.shape[-1])
 
 
-def _check(h, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling, gate):
+def _check(h, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling, gate, residual2=None):
     _checks.tensor("h", h)
     if h.dim() < 1:
         raise ValueError(f"h must have at least 1 dim [..., d], got shape {tuple(h.shape)}")
@@ -77,6 +84,7 @@ def _check(h, down_weight, down_bias, up_weight, up_bias, residual, activation, 
     _checks.tensor("up_weight", up_weight, ndim=2)
     _checks.tensor("up_bias", up_bias, ndim=1, optional=True)
     _checks.tensor("residual", residual)
+    _checks.tensor("residual2", residual2, optional=True)
     m, d = down_weight.shape
     if h.shape[-1] != d:
         raise ValueError(f"h has {h.shape[-1]} features (shape {tuple(h.shape)}) but down_weight "
@@ -92,10 +100,12 @@ def _check(h, down_weight, down_bias, up_weight, up_bias, residual, activation, 
         raise ValueError(f"up_bias has shape {tuple(up_bias.shape)}, expected [{d}]")
     if residual.shape != h.shape:
         raise ValueError(f"residual has shape {tuple(residual.shape)} but h has shape {tuple(h.shape)}; they must match")
+    if residual2 is not None and residual2.shape != h.shape:
+        raise ValueError(f"residual2 has shape {tuple(residual2.shape)} but h has shape {tuple(h.shape)}; they must match")
     _checks.same_dtype("h", h, down_weight=down_weight, down_bias=down_bias, up_weight=up_weight,
-                       up_bias=up_bias, residual=residual)
+                       up_bias=up_bias, residual=residual, residual2=residual2)
     _checks.same_device("h", h, down_weight=down_weight, down_bias=down_bias, up_weight=up_weight,
-                        up_bias=up_bias, residual=residual)
+                        up_bias=up_bias, residual=residual, residual2=residual2)
     _checks.gate("gate", gate, (*h.shape[:-1], 1), h)
     if not isinstance(activation, str) or activation.lower() not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
@@ -111,11 +121,12 @@ def _gate_rows(gate, lead):
 
 class _AdapterFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, down_weight, down_bias, up_weight, up_bias, residual, gate, act, scaling):
+    def forward(ctx, h, down_weight, down_bias, up_weight, up_bias, residual, gate, residual2, act, scaling):
         lead = h.shape[:-1]
         h2 = rows(h)
         g = _gate_rows(gate, lead)
-        out, z = adapter_fwd(h2, down_weight, down_bias, up_weight, up_bias, rows(residual), g, act, scaling, True)
+        out, z = adapter_fwd(h2, down_weight, down_bias, up_weight, up_bias, rows(residual),
+                             None if residual2 is None else rows(residual2), g, act, scaling, True)
         ctx.save_for_backward(h2, down_weight, up_weight, up_bias, z, g)
         ctx.act, ctx.scaling, ctx.lead = act, scaling, lead
         ctx.gate_shape = None if gate is None else gate.shape
@@ -125,8 +136,8 @@ class _AdapterFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         h2, down_weight, up_weight, up_bias, z, g = ctx.saved_tensors
-        need_h, need_wd, need_bd, need_wu, need_bu, need_res, need_g = ctx.needs_input_grad[:7]
-        dh = dwd = dbd = dwu = dbu = dres = dgate = None
+        need_h, need_wd, need_bd, need_wu, need_bu, need_res, need_g, need_res2 = ctx.needs_input_grad[:8]
+        dh = dwd = dbd = dwu = dbu = dres = dgate = dres2 = None
         if need_h or need_wd or need_bd or need_wu or need_bu or need_g:
             dh2, dwd, dbd, dwu, dbu, dg = adapter_bwd(
                 rows(dy), h2, z, down_weight, up_weight, up_bias, g, ctx.act, ctx.scaling,
@@ -139,15 +150,17 @@ class _AdapterFn(torch.autograd.Function):
                 dgate = dg.view(*ctx.lead, 1).sum_to_size(ctx.gate_shape).to(ctx.gate_dtype)
         if need_res:
             dres = dy                                                             # d residual = dY
-        return dh, dwd, dbd, dwu, dbu, dres, dgate, None, None
+        if need_res2:
+            dres2 = dy                                                            # d residual2 = dY
+        return dh, dwd, dbd, dwu, dbu, dres, dgate, dres2, None, None
 
 
 # ------------------------------------------------------------------------ launchers
 @torch.library.custom_op("peftops::adapter_fwd", mutates_args=())
 def adapter_fwd(
     h: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor | None, up_weight: torch.Tensor,
-    up_bias: torch.Tensor | None, residual: torch.Tensor, gate: torch.Tensor | None, act: int,
-    scaling: float, store_z: bool,
+    up_bias: torch.Tensor | None, residual: torch.Tensor, residual2: torch.Tensor | None,
+    gate: torch.Tensor | None, act: int, scaling: float, store_z: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused forward on 2-D h / residual ``[T, d]``: returns (out ``[T, d]``, z = h Wd^T + bd
     ``[T, m]`` fp32, or an empty tensor when ``store_z`` is False)."""
@@ -159,18 +172,19 @@ def adapter_fwd(
         return out, z
     k = kernels("adapter")
     cfg = k.rows_config(T, D, MW, h.device.type != "cuda")
-    # out = residual + G (act(h Wd^T + bd) Wu^T + bu),  G = scaling * gate;  z = h Wd^T + bd
+    # out = residual (+ residual2) + G (act(h Wd^T + bd) Wu^T + bu),  G = scaling * gate;  z = h Wd^T + bd
+    r2 = residual2 if residual2 is not None else residual
     k.adapter_fwd_kernel[(-(-T // cfg["BLOCK_M"]),)](
         h, down_weight, down_bias if down_bias is not None else down_weight, up_weight,
-        up_bias if up_bias is not None else up_weight, residual, gate if gate is not None else out,
+        up_bias if up_bias is not None else up_weight, residual, r2, gate if gate is not None else out,
         out, z if store_z else out,
         T, D, MW,
         h.stride(0), h.stride(1), down_weight.stride(0), down_weight.stride(1),
         up_weight.stride(0), up_weight.stride(1), residual.stride(0), residual.stride(1),
-        out.stride(0), out.stride(1),
+        r2.stride(0), r2.stride(1), out.stride(0), out.stride(1),
         scaling,
         ACT=act, HAS_BD=down_bias is not None, HAS_BU=up_bias is not None, HAS_GATE=gate is not None,
-        STORE_Z=store_z, UPCAST=upcast_dots(h.dtype), PRECISION=dot_precision(h.dtype),
+        HAS_RES2=residual2 is not None, STORE_Z=store_z, UPCAST=upcast_dots(h.dtype), PRECISION=dot_precision(h.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], BLOCK_W=next_pow2(MW),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -179,7 +193,7 @@ def adapter_fwd(
 
 
 @adapter_fwd.register_fake
-def _(h, down_weight, down_bias, up_weight, up_bias, residual, gate, act, scaling, store_z):
+def _(h, down_weight, down_bias, up_weight, up_bias, residual, residual2, gate, act, scaling, store_z):
     T = h.shape[0]
     z = h.new_empty((T, down_weight.shape[0]) if store_z else (0,), dtype=torch.float32)
     return h.new_empty(h.shape), z
