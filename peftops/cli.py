@@ -1,0 +1,73 @@
+"""Command line: ``python -m peftops {demo,bench}``.
+
+Without a GPU, the Triton kernels run in Triton's CPU interpreter; the interpreter must
+be switched on before triton is imported, so the CLI re-executes itself with
+``TRITON_INTERPRET=1`` when it is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _ensure_interpreter(argv: list[str]) -> None:
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.setdefault("PEFTOPS_BACKEND", "triton")
+    os.execve(sys.executable, [sys.executable, "-m", "peftops", *argv], env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    from .benchmarks import METHODS
+
+    parser = argparse.ArgumentParser(prog="python -m peftops", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for name, text in (("demo", "the main job: fused vs eager on the default shapes, then the tiny-Llama side-by-side"),
+                       ("bench", "kernel benchmarks (GPU) or a parity pass (no GPU)")):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {sorted(METHODS)}")
+        p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype for GPU timing (default bf16)")
+        p.add_argument("--small", action="store_true", help="small shapes on a GPU too")
+        p.add_argument("--out", default="bench/results", help="directory for the JSON results ('' to skip)")
+    args = parser.parse_args(argv)
+    _ensure_interpreter(argv)
+    os.environ.setdefault("PEFTOPS_BACKEND", "auto")
+
+    from .benchmarks import run
+
+    methods = [m for m in args.methods.split(",") if m]
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        print(f"GPU: {torch.cuda.get_device_name()} -- timing {', '.join(methods)} in {args.dtype}")
+        cases = run.load_cases(methods, device, DTYPES[args.dtype], args.small)
+        run.run_timing(cases, device, args.out or None)
+        ok = True
+    else:
+        print("No GPU found: running a parity pass instead of timing (Triton kernels in the CPU "
+              "interpreter, small shapes, fp32). Speed is measured on a GPU only.")
+        ok = run.run_parity(run.load_cases(methods, torch.device("cpu"), torch.float32, small=True))
+    if args.cmd == "demo":
+        ok &= _tiny_model_demo()
+    return 0 if ok else 1
+
+
+def _tiny_model_demo() -> bool:
+    """peft vs peft + peftops.accelerate on a tiny Llama, when the integration is installed."""
+    try:
+        from .integrations import demo
+    except ImportError:
+        print("\n(tiny-model side-by-side: peftops.integrations.demo is not available in this build)")
+        return True
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return bool(demo.main(device))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
