@@ -12,7 +12,8 @@ Backward  (z [T, m] fp32 is saved; a is recomputed from it)
           dbu = colsum(G dY)                       [d]
           dWd = dz^T h                             [m, d]   -- reduce over T
           dbd = colsum(dz)                         [m]      (host: dz is small)
-          dresidual = dresidual2 = dY              (host: no kernel)
+          dresidual = dresidual2 = dY              (host: no kernel; when residual is h
+                                                    itself, dY is added inside dh's store)
 
 Three kernels:
 * ``adapter_fwd_kernel``: one program per block of rows. Pass 1 over d: z = h Wd^T (+bd)
@@ -22,8 +23,8 @@ Three kernels:
   residual(s) are read once, out written once; only z ([T, m] fp32, needed by backward)
   leaves the chip besides out.
 * ``adapter_bwd_rows_kernel``: one program per block of rows. Pass over dY: P = dY Wu
-  (and dY . bu for the gate); then dz, dg; then a pass over d writing dh = dz Wd.
-  Reads dY once, writes dh once.
+  (and dY . bu for the gate); then dz, dg; then a pass over d writing dh = dz Wd
+  (+ dY when the residual is h). Reads dY once (twice with the residual add), writes dh once.
 * ``adapter_bwd_weights_kernel``: one program per (column block of d, split of T): walks
   its rows accumulating dWu^T-chunk = dY^T (G a), dbu, dWd^T-chunk = h^T dz in fp32
   registers; one partial per split, summed on the host in a fixed order (no atomics).
@@ -147,7 +148,7 @@ def adapter_bwd_rows_kernel(
     stride_ym, stride_yd, stride_wdm, stride_wdd, stride_wud, stride_wum, stride_hm, stride_hd,
     scale,
     ACT: tl.constexpr, HAS_BU: tl.constexpr, HAS_GATE: tl.constexpr, NEED_DH: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ADD_DY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -187,7 +188,7 @@ def adapter_bwd_rows_kernel(
         dz = p * scale * _act_grad(z, ACT)
     tl.store(dz_ptr + rm64[:, None] * MW + rw[None, :], dz, mask=zmask)
 
-    if NEED_DH:                                                            # dh = dz Wd
+    if NEED_DH:                                                            # dh = dz Wd (+ dY)
         dzo = dz.to(wd_ptr.dtype.element_ty)
         if UPCAST:
             dzo = dzo.to(tl.float32)
@@ -199,8 +200,12 @@ def adapter_bwd_rows_kernel(
             if UPCAST:
                 wdt = wdt.to(tl.float32)
             dh = tl.dot(dzo, wdt, input_precision=PRECISION)
+            mask = m_ok[:, None] & d_ok[None, :]
+            if ADD_DY:  # residual is h: its gradient dY joins dh here, not in a separate pass
+                dh += tl.load(dy_ptr + rm64[:, None] * stride_ym + rd[None, :] * stride_yd,
+                              mask=mask, other=0.0).to(tl.float32)
             tl.store(dh_ptr + rm64[:, None] * stride_hm + rd[None, :] * stride_hd,
-                     dh.to(dh_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+                     dh.to(dh_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -286,8 +291,8 @@ def weights_config(T, D, MW, want_programs, interpret):
     (enough programs to fill the GPU; each split writes one fp32 partial)."""
     if interpret:
         block_m, block_d = 32, 64
-    else:
-        block_m, block_d = 64, 64
+    else:  # two [BLOCK_D, BLOCK_W] fp32 accumulators live in registers: narrow d tiles for wide m
+        block_m, block_d = 64, (64 if MW <= 128 else 32)
     d_blocks = triton.cdiv(D, block_d)
     m_blocks = triton.cdiv(T, block_m)
     splits = 1 if interpret else max(1, min(m_blocks, want_programs // d_blocks))

@@ -376,3 +376,80 @@ def test_custom_ops_opcheck():
     dy = torch.randn(T, d)
     torch.library.opcheck(adapter_ops.adapter_bwd, (dy, h, z, wd, wu, bu, g, 1, 0.5, True, True, True, True, True))
     torch.library.opcheck(adapter_ops.adapter_bwd, (dy, h, z, wd, wu, None, None, 3, 0.5, True, False, False, False, False))
+
+
+def test_scalar_gate():
+    args = adapter_args((2, 5), 37, 9)
+    args["gate"] = torch.rand(1, dtype=torch.float64) + 0.5
+    run_parity(args, torch.float32, activation="silu")
+
+
+def test_torch_compile_traces_the_op():
+    """fullgraph tracing through the autograd Function and the custom ops' fake kernels;
+    the compiled graph still runs the kernels and gives the reference's numbers."""
+    masters = adapter_args((2, 5), 37, 9, gate="token")
+    a = {k: v.float().requires_grad_(True) for k, v in masters.items()}
+    m64 = {k: v.detach().requires_grad_(True) for k, v in masters.items()}
+
+    def fn(h, down_weight, down_bias, up_weight, up_bias, residual, gate):
+        return peftops.bottleneck_adapter(h, down_weight, down_bias, up_weight, up_bias, residual=residual,
+                                          activation="gelu", scaling=0.5, gate=gate)
+
+    out = torch.compile(fn, backend="aot_eager", fullgraph=True)(**a)
+    grads = torch.autograd.grad(out.square().sum(), list(a.values()))
+    want = reference.bottleneck_adapter(m64["h"], m64["down_weight"], m64["down_bias"], m64["up_weight"],
+                                        m64["up_bias"], residual=m64["residual"], activation="gelu", scaling=0.5,
+                                        gate=m64["gate"])
+    want_grads = torch.autograd.grad(want.square().sum(), list(m64.values()))
+    assert_close("output", out, want, BOUNDS[torch.float32])
+    for name, got, ref in zip(a, grads, want_grads):
+        assert_close(f"d{name}", got, ref, BOUNDS[torch.float32])
+    # (Dynamo replays the traced dispatch-counter update after the graph runs, which
+    # overwrites the forward's launch count; the backward runs outside the graph.)
+    assert peftops.dispatch_counts().get("launch.adapter_bwd_rows", 0) >= 1
+
+
+def test_torch_compile_residual_is_h():
+    """One tensor as both h and residual: the op must not hand it twice to the Function
+    (Dynamo cannot trace that); dh = dz Wd + dY comes from one kernel."""
+    masters = adapter_args((3, 4), 29, 7)
+    a = {k: masters[k].float().requires_grad_(True) for k in ("h", "down_weight", "up_weight")}
+    m64 = {k: masters[k].detach().requires_grad_(True) for k in a}
+
+    def fn(f, h, down_weight, up_weight):
+        return f(h, down_weight, None, up_weight, None, residual=h, activation="relu", scaling=1.5)
+
+    out = torch.compile(lambda **t: fn(peftops.bottleneck_adapter, **t), backend="aot_eager", fullgraph=True)(**a)
+    want = fn(reference.bottleneck_adapter, **m64)
+    dy = torch.randn_like(want)
+    grads = torch.autograd.grad(out, list(a.values()), dy.float())
+    want_grads = torch.autograd.grad(want, list(m64.values()), dy)
+    assert_close("output", out, want, BOUNDS[torch.float32])
+    for name, got, ref in zip(a, grads, want_grads):
+        assert_close(f"d{name}", got, ref, BOUNDS[torch.float32])
+
+
+@pytest.mark.parametrize("which", ["h", "residual"])
+def test_residual2_aliases(which):
+    """residual2 is h (or is residual): out = h + r2 + s f(h); every use gets its gradient."""
+    m = adapter_args((2, 6), 33, 5)
+    t = {k: v.float().requires_grad_(True) for k, v in m.items()}
+    t64 = {k: v.detach().requires_grad_(True) for k, v in m.items()}
+
+    def call(f, d):
+        res = d["h"] if which == "h" else d["residual"]
+        kw = dict(activation="gelu_new", scaling=0.9)
+        if f is reference.bottleneck_adapter:
+            return f(d["h"], d["down_weight"], d["down_bias"], d["up_weight"], d["up_bias"], residual=res + res, **kw)
+        return f(d["h"], d["down_weight"], d["down_bias"], d["up_weight"], d["up_bias"], residual=res, residual2=res, **kw)
+
+    out, want = call(peftops.bottleneck_adapter, t), call(reference.bottleneck_adapter, t64)
+    assert_close("output", out, want, BOUNDS[torch.float32])
+    dy = torch.randn_like(want)
+    out.backward(dy.float())
+    want.backward(dy)
+    for k in ("h", "down_weight", "up_weight", "residual"):
+        if t64[k].grad is None:
+            assert t[k].grad is None
+        else:
+            assert_close(f"d{k}", t[k].grad, t64[k].grad, BOUNDS[torch.float32])

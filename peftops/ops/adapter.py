@@ -67,7 +67,14 @@ def bottleneck_adapter(
         return reference.bottleneck_adapter(h, down_weight, down_bias, up_weight, up_bias, residual=residual,
                                             activation=activation, scaling=scaling, gate=gate)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return _AdapterFn.apply(*tensors, act, scaling)
+        # Aliased inputs (torch.compile cannot trace one tensor passed twice to a Function):
+        # residual is h -> passed as None, the kernel reads h and dh gets dY added in place;
+        # residual2 aliasing h / residual -> a view, which autograd routes back to the same tensor.
+        res_is_h = residual is h
+        if residual2 is not None and (residual2 is h or residual2 is residual):
+            residual2 = residual2.view(residual2.shape)
+        return _AdapterFn.apply(h, down_weight, down_bias, up_weight, up_bias, None if res_is_h else residual,
+                                gate, residual2, act, scaling)
     # Inference: no autograd node, and z is not written.
     lead = h.shape[:-1]
     out, _ = adapter_fwd(rows(h), down_weight, down_bias, up_weight, up_bias, rows(residual),
@@ -125,10 +132,10 @@ class _AdapterFn(torch.autograd.Function):
         lead = h.shape[:-1]
         h2 = rows(h)
         g = _gate_rows(gate, lead)
-        out, z = adapter_fwd(h2, down_weight, down_bias, up_weight, up_bias, rows(residual),
+        out, z = adapter_fwd(h2, down_weight, down_bias, up_weight, up_bias, h2 if residual is None else rows(residual),
                              None if residual2 is None else rows(residual2), g, act, scaling, True)
         ctx.save_for_backward(h2, down_weight, up_weight, up_bias, z, g)
-        ctx.act, ctx.scaling, ctx.lead = act, scaling, lead
+        ctx.act, ctx.scaling, ctx.lead, ctx.res_is_h = act, scaling, lead, residual is None
         ctx.gate_shape = None if gate is None else gate.shape
         ctx.gate_dtype = None if gate is None else gate.dtype
         return out.view(*lead, h.shape[-1])
@@ -137,11 +144,12 @@ class _AdapterFn(torch.autograd.Function):
     def backward(ctx, dy):
         h2, down_weight, up_weight, up_bias, z, g = ctx.saved_tensors
         need_h, need_wd, need_bd, need_wu, need_bu, need_res, need_g, need_res2 = ctx.needs_input_grad[:8]
+        need_res = need_res and not ctx.res_is_h
         dh = dwd = dbd = dwu = dbu = dres = dgate = dres2 = None
         if need_h or need_wd or need_bd or need_wu or need_bu or need_g:
             dh2, dwd, dbd, dwu, dbu, dg = adapter_bwd(
                 rows(dy), h2, z, down_weight, up_weight, up_bias, g, ctx.act, ctx.scaling,
-                need_h, need_wd, need_bd, need_wu or need_bu, need_g)
+                need_h, need_wd, need_bd, need_wu or need_bu, need_g, need_h and ctx.res_is_h)
             dh = dh2.view(*ctx.lead, h2.shape[1]) if need_h else None
             dwd = dwd if need_wd else None
             dbd = dbd if need_bd else None
@@ -203,10 +211,11 @@ def _(h, down_weight, down_bias, up_weight, up_bias, residual, residual2, gate, 
 def adapter_bwd(
     dy: torch.Tensor, h: torch.Tensor, z: torch.Tensor, down_weight: torch.Tensor, up_weight: torch.Tensor,
     up_bias: torch.Tensor | None, gate: torch.Tensor | None, act: int, scaling: float,
-    need_dh: bool, need_dwd: bool, need_dbd: bool, need_dwu: bool, need_dgate: bool,
+    need_dh: bool, need_dwd: bool, need_dbd: bool, need_dwu: bool, need_dgate: bool, dh_add_dy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused backward on 2-D tensors. Returns (dh, dWd, dbd, dWu, dbu, dgate per row [T] fp32);
-    an output not asked for is an empty tensor. ``need_dwu`` gives dWu and dbu."""
+    an output not asked for is an empty tensor. ``need_dwu`` gives dWu and dbu; ``dh_add_dy``
+    (the residual is h) returns dh + dY as dh."""
     T, D = h.shape
     MW = down_weight.shape[0]
     def nothing():
@@ -237,7 +246,7 @@ def adapter_bwd(
             dh.stride(0) if need_dh else 0, dh.stride(1) if need_dh else 0,
             scaling,
             ACT=act, HAS_BU=up_bias is not None, HAS_GATE=has_gate, NEED_DH=need_dh,
-            UPCAST=upcast, PRECISION=precision,
+            ADD_DY=need_dh and dh_add_dy, UPCAST=upcast, PRECISION=precision,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], BLOCK_W=block_w,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
@@ -274,7 +283,8 @@ def adapter_bwd(
 
 
 @adapter_bwd.register_fake
-def _(dy, h, z, down_weight, up_weight, up_bias, gate, act, scaling, need_dh, need_dwd, need_dbd, need_dwu, need_dgate):
+def _(dy, h, z, down_weight, up_weight, up_bias, gate, act, scaling, need_dh, need_dwd, need_dbd, need_dwu, need_dgate,
+      dh_add_dy=False):
     T, D = h.shape
     MW = down_weight.shape[0]
     return (h.new_empty((T, D)) if need_dh else h.new_empty(0),
