@@ -11,13 +11,14 @@ Backward (W frozen; dW / db, when asked for, are plain GEMMs on the host side):
                   dl = colsum(dY * z), z = x W^T + b
                      = colsum(dY * y) / l         -- mainloop partials from the dY tiles the
                                                      dx GEMM already loads, plus y
+                                                     (read once, spread over the programs)
                   columns with |l| <= guard: z recomputed (``GUARD`` launch), see below.
 
 All of it is one GEMM kernel, ``ia3_gemm_kernel``: out = (A * in_scale) @ B (+ bias)
 (* out_scale), with optional column-sum partials
   EPI_COLSUM:  part[pid_m, n] = sum_rows (A @ B + bias)[rows, n] * Y[rows, n]   (epilogue)
   LOOP_COLSUM: part[pid_m, k] = sum_rows A[rows, k] * Y[rows, k]               (mainloop;
-               only the programs of the first column block do it, once per K tile)
+               K tile kt is done by the program of column block kt % (column blocks))
 and ``ia3_colsum_kernel`` for the partials alone (dl without dx).
 Partials are [row blocks, columns] fp32 buffers summed on the host in a fixed order:
 no atomics, repeatable results.
@@ -81,7 +82,9 @@ def ia3_gemm_kernel(
         k_ok = rk < K - k0
         a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
         if LOOP_COLSUM:
-            if pid_n == 0:
+            # Each K tile's partial is made by one program of the row block (round robin
+            # over the column blocks, so the extra loads are spread evenly).
+            if kt % num_n == pid_n:
                 yv = tl.load(y_ptr + rm_in[:, None] * stride_ym + (k0 + rk)[None, :] * stride_yn,
                              mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 part = tl.sum(tl.where(m_ok[:, None], a.to(tl.float32) * yv.to(tl.float32), 0.0), axis=0)
@@ -100,8 +103,11 @@ def ia3_gemm_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
     if EPI_COLSUM:
+        y_mask = m_ok[:, None] & n_ok[None, :]
+        if GUARD:  # only guarded columns are read: no pass over Y when l has none
+            y_mask = y_mask & gcol[None, :]
         yv = tl.load(y_ptr + rm_in[:, None] * stride_ym + rn_in[None, :] * stride_yn,
-                     mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+                     mask=y_mask, other=0.0).to(tl.float32)
         part = tl.sum(tl.where(m_ok[:, None], acc * yv, 0.0), axis=0)
         if GUARD:
             part = tl.where(gcol, part, 0.0)

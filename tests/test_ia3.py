@@ -85,6 +85,13 @@ def test_only_l_trainable(dtype, feedforward):
 
 
 @pytest.mark.parametrize("feedforward", [False, True], ids=["out_scale", "in_scale"])
+def test_many_tiles(feedforward):
+    """Several K tiles and column blocks in every GEMM (the dl partials of the output-scaling
+    dx GEMM are spread round robin over the column blocks)."""
+    run_parity(ia3_args((45,), 150, 200, feedforward=feedforward), torch.float32, feedforward)
+
+
+@pytest.mark.parametrize("feedforward", [False, True], ids=["out_scale", "in_scale"])
 def test_only_x_needs_grad(feedforward):
     run_parity(ia3_args((17,), 45, 38, feedforward=feedforward), torch.float32, feedforward, grads=("x",))
 
