@@ -267,7 +267,7 @@ def _compare(ours, theirs, x, bound=1e-4, names=None):
 @pytest.mark.parametrize("ff", [False, True], ids=["out_scale", "in_scale"])
 def test_module_matches_peft(ff, bias):
     torch.manual_seed(0)
-    base = nn.Linear(67, 45, bias=bias)
+    base = nn.Linear(67, 45, bias=bias).to(DEVICE)
     theirs = _peft_layer(base, ff)
     ours = peftops.IA3Linear(base, "default", is_feedforward=ff)
     assert ours.base_layer.weight is theirs.base_layer.weight
@@ -279,27 +279,27 @@ def test_module_matches_peft(ff, bias):
     base.weight.requires_grad_(False)
     if bias:
         base.bias.requires_grad_(False)
-    _compare(ours, theirs, torch.randn(2, 7, 67))
+    _compare(ours, theirs, torch.randn(2, 7, 67, device=DEVICE))
     assert peftops.dispatch_counts().get("launch.ia3_gemm", 0) >= 2
 
 
 @pytest.mark.parametrize("ff", [False, True], ids=["out_scale", "in_scale"])
 def test_module_trainable_base_matches_peft(ff):
     torch.manual_seed(1)
-    base_a = nn.Linear(30, 26)
-    base_b = nn.Linear(30, 26)
+    base_a = nn.Linear(30, 26).to(DEVICE)
+    base_b = nn.Linear(30, 26).to(DEVICE)
     base_b.load_state_dict(base_a.state_dict())
     ours = peftops.IA3Linear(base_a, "default", is_feedforward=ff)
     theirs = _peft_layer(base_b, ff)
     _randomise([theirs.ia3_l["default"]])
     ours.load_state_dict(theirs.state_dict())
-    _compare(ours, theirs, torch.randn(19, 30))
+    _compare(ours, theirs, torch.randn(19, 30, device=DEVICE))
 
 
 @pytest.mark.parametrize("ff", [False, True], ids=["out_scale", "in_scale"])
 def test_module_several_adapters_and_switching(ff):
     torch.manual_seed(2)
-    base = nn.Linear(40, 33)
+    base = nn.Linear(40, 33).to(DEVICE)
     base.requires_grad_(False)
     theirs = _peft_layer(base, ff, "a")
     theirs.update_layer("b", config=_cfg(ff))
@@ -307,7 +307,7 @@ def test_module_several_adapters_and_switching(ff):
     ours.update_layer("b")
     _randomise(theirs.ia3_l.values())
     ours.load_state_dict(theirs.state_dict())
-    x = torch.randn(3, 5, 40)
+    x = torch.randn(3, 5, 40, device=DEVICE)
     for active in (["a", "b"], "b", ["b", "a"], "a"):
         theirs.set_adapter(active)
         ours.set_adapter(active)
@@ -332,7 +332,7 @@ def _cfg(ff):
 @pytest.mark.parametrize("ff", [False, True], ids=["out_scale", "in_scale"])
 def test_module_merge_unmerge(ff):
     torch.manual_seed(3)
-    base_a, base_b = nn.Linear(36, 28), nn.Linear(36, 28)
+    base_a, base_b = nn.Linear(36, 28).to(DEVICE), nn.Linear(36, 28).to(DEVICE)
     base_b.load_state_dict(base_a.state_dict())
     ours = peftops.IA3Linear(base_a, "a", is_feedforward=ff)
     ours.update_layer("b")
@@ -342,7 +342,7 @@ def test_module_merge_unmerge(ff):
     ours.load_state_dict(theirs.state_dict())
     for m in (ours, theirs):
         m.set_adapter(["a", "b"])
-    x = torch.randn(11, 36)
+    x = torch.randn(11, 36, device=DEVICE)
     before = ours(x).detach()
     ours.merge()
     theirs.merge()
@@ -378,7 +378,7 @@ def test_module_from_peft_and_fan_in_fan_out_conv1d():
 
     torch.manual_seed(4)
     for ff in (False, True):
-        conv = Conv1D(26, 34)  # weight [in=34, out=26]
+        conv = Conv1D(26, 34).to(DEVICE)  # weight [in=34, out=26]
         cfg = IA3Config(target_modules=["c"], feedforward_modules=["c"] if ff else [], fan_in_fan_out=True)
         theirs = PeftIA3(conv, "default", cfg, is_feedforward=ff)
         _randomise([theirs.ia3_l["default"]])
@@ -387,22 +387,22 @@ def test_module_from_peft_and_fan_in_fan_out_conv1d():
         assert ours.ia3_l["default"] is theirs.ia3_l["default"] and ours.fan_in_fan_out
         own = peftops.IA3Linear(conv, is_feedforward=ff, fan_in_fan_out=True)
         assert own.ia3_l["default"].shape == theirs.ia3_l["default"].shape
-        _compare(ours, theirs, torch.randn(2, 6, 34))
-        y_before = ours(torch.ones(3, 34)).detach()
+        _compare(ours, theirs, torch.randn(2, 6, 34, device=DEVICE))
+        y_before = ours(torch.ones(3, 34, device=DEVICE)).detach()
         ours.merge()
-        assert_close("merged conv1d", ours(torch.ones(3, 34)), y_before, 1e-5)
+        assert_close("merged conv1d", ours(torch.ones(3, 34, device=DEVICE)), y_before, 1e-5)
 
 
 def test_module_half_base_fp32_l():
     """A bf16 base with fp32 vectors (peft's autocast_adapter_dtype) runs fused and matches."""
     torch.manual_seed(5)
-    base = nn.Linear(48, 40).to(torch.bfloat16).requires_grad_(False)
+    base = nn.Linear(48, 40).to(DEVICE, torch.bfloat16).requires_grad_(False)
     for ff in (False, True):
         theirs = _peft_layer(base, ff)
         theirs.ia3_l["default"].data = theirs.ia3_l["default"].data.float()
         _randomise([theirs.ia3_l["default"]])
         ours = peftops.IA3Linear.from_peft(theirs)
-        _compare(ours, theirs, torch.randn(2, 9, 48).to(torch.bfloat16), bound=BOUNDS[torch.bfloat16])
+        _compare(ours, theirs, torch.randn(2, 9, 48, device=DEVICE).to(torch.bfloat16), bound=BOUNDS[torch.bfloat16])
 
 
 def test_module_bad_args():
@@ -419,7 +419,7 @@ def test_module_bad_args():
 @given(lead=st.lists(st.integers(0, 7), min_size=1, max_size=3), n_in=st.integers(1, 70),
        n_out=st.integers(1, 70), bias=st.booleans(), ff=st.booleans(), trainable_base=st.booleans())
 def test_module_matches_peft_any_shape(lead, n_in, n_out, bias, ff, trainable_base):
-    base_a, base_b = nn.Linear(n_in, n_out, bias=bias), nn.Linear(n_in, n_out, bias=bias)
+    base_a, base_b = nn.Linear(n_in, n_out, bias=bias).to(DEVICE), nn.Linear(n_in, n_out, bias=bias).to(DEVICE)
     base_b.load_state_dict(base_a.state_dict())
     for b in (base_a, base_b):
         b.requires_grad_(trainable_base)
@@ -427,7 +427,7 @@ def test_module_matches_peft_any_shape(lead, n_in, n_out, bias, ff, trainable_ba
     ours = peftops.IA3Linear(base_a, is_feedforward=ff)
     _randomise([theirs.ia3_l["default"]])
     ours.load_state_dict(theirs.state_dict())
-    _compare(ours, theirs, torch.randn(*lead, n_in))
+    _compare(ours, theirs, torch.randn(*lead, n_in, device=DEVICE))
 
 
 def test_torch_compile_fullgraph():
