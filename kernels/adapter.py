@@ -271,8 +271,11 @@ def adapter_bwd_weights_kernel(
 def rows_config(T, D, MW, interpret):
     """Launch config for the row kernels (forward and backward rows).
 
-    GPU: 64-row tiles; the [BLOCK_M, BLOCK_W] fp32 accumulator plus a [BLOCK_M, BLOCK_D]
-    tile must fit in registers, so BLOCK_D shrinks as m grows. Not yet tuned on a lent GPU.
+    Trade-off (GPU): each program re-reads both weights (4 d m bytes in bf16, from L2), so
+    L2 traffic / HBM traffic ~ 2 m / (3 BLOCK_M), which wants tall row tiles; but T / BLOCK_M
+    programs must keep enough bytes in flight to saturate HBM, which wants many of them. And
+    the [BLOCK_M, BLOCK_W] fp32 accumulator must stay in registers. Heuristics, not yet tuned
+    on a lent GPU.
     """
     if interpret:  # few, large programs: the interpreter's cost is per program and op
         return dict(BLOCK_M=32, BLOCK_D=64, num_warps=4, num_stages=1)
@@ -280,10 +283,10 @@ def rows_config(T, D, MW, interpret):
     if T <= 16:
         return dict(BLOCK_M=16, BLOCK_D=128, num_warps=4, num_stages=3)
     if block_w <= 64:
-        return dict(BLOCK_M=64, BLOCK_D=128, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=32, BLOCK_D=128, num_warps=4, num_stages=3)
     if block_w <= 128:
-        return dict(BLOCK_M=64, BLOCK_D=64, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_D=64, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_D=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_D=64, num_warps=8, num_stages=3)
 
 
 def weights_config(T, D, MW, want_programs, interpret):

@@ -453,3 +453,16 @@ def test_residual2_aliases(which):
             assert t[k].grad is None
         else:
             assert_close(f"d{k}", t[k].grad, t64[k].grad, BOUNDS[torch.float32])
+
+
+@pytest.mark.parametrize("m", [24, 200])
+def test_gpu_launch_configs(monkeypatch, m):
+    """Run the kernels with the GPU launch configs (tile sizes, several T splits in the
+    weight-gradient kernel) instead of the interpreter's, so that code path is checked too."""
+    from peftops.kernels import adapter as kern
+
+    rows_cfg, weights_cfg = kern.rows_config, kern.weights_config
+    monkeypatch.setattr(kern, "rows_config", lambda T, D, MW, interpret: rows_cfg(T, D, MW, False))
+    monkeypatch.setattr(kern, "weights_config", lambda T, D, MW, want, interpret: weights_cfg(T, D, MW, 8, False))
+    assert weights_cfg(70, 40, m, 8, False)["splits"] >= 2
+    run_parity(adapter_args((70,), 40, m, gate="token"), torch.float32, activation="gelu")
