@@ -466,3 +466,13 @@ def test_gpu_launch_configs(monkeypatch, m):
     monkeypatch.setattr(kern, "weights_config", lambda T, D, MW, want, interpret: weights_cfg(T, D, MW, 8, False))
     assert weights_cfg(70, 40, m, 8, False)["splits"] >= 2
     run_parity(adapter_args((70,), 40, m, gate="token"), torch.float32, activation="gelu")
+
+
+def test_permuted_3d_inputs():
+    """h / residual as transposed 3-D views (rows() must copy them), weights transposed views."""
+    a = adapter_args((5, 3), 37, 9, gate="token")
+    a["h"] = randn(3, 5, 37).transpose(0, 1)
+    a["residual"] = randn(37, 3, 5).permute(2, 1, 0)
+    a["up_weight"] = randn(9, 37, scale=0.5).t()
+    assert not a["h"].is_contiguous() and not a["up_weight"].is_contiguous()
+    run_parity(a, torch.float32, activation="gelu")
