@@ -405,6 +405,23 @@ def test_module_half_base_fp32_l():
         _compare(ours, theirs, torch.randn(2, 9, 48, device=DEVICE).to(torch.bfloat16), bound=BOUNDS[torch.bfloat16])
 
 
+def test_module_autocast_matches_peft():
+    """Under autocast the base layer runs in the autocast dtype, as peft's does."""
+    torch.manual_seed(6)
+    base = nn.Linear(40, 24).to(DEVICE).requires_grad_(False)
+    dt = torch.bfloat16
+    for ff in (False, True):
+        theirs = _peft_layer(base, ff)
+        _randomise([theirs.ia3_l["default"]])
+        ours = peftops.IA3Linear.from_peft(theirs)
+        x = torch.randn(3, 7, 40, device=DEVICE)
+        with torch.autocast(DEVICE.type, dtype=dt):
+            ya, yb = ours(x), theirs(x)
+        assert ya.dtype == yb.dtype == dt
+        assert_close("autocast output", ya, yb, BOUNDS[dt])
+        assert peftops.dispatch_counts().get("ia3.triton", 0) >= 1
+
+
 def test_module_bad_args():
     with pytest.raises(TypeError, match="2-D weight"):
         peftops.IA3Linear(nn.ReLU())

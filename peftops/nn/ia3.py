@@ -173,7 +173,15 @@ class IA3Linear(nn.Module):
         w = self.base_layer.weight
         w = w.t() if self.fan_in_fan_out else w
         bias = getattr(self.base_layer, "bias", None)
-        if w.dtype != x.dtype:  # peft's base layer casts nothing either: fail as nn.Linear would
+        if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+            # as the base nn.Linear would run under autocast: x, W, b in the autocast dtype
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, w = x.to(dt), w.to(dt)
+            bias = None if bias is None else bias.to(dt)
+            with torch.autocast(x.device.type, enabled=False):
+                return ia3_linear(x, w, bias, l if l.dtype in (dt, torch.float32) else l.to(dt),
+                                  feedforward=self.is_feedforward)
+        if w.dtype != x.dtype:  # outside autocast nn.Linear (and so peft) refuses this too
             raise TypeError(f"x has dtype {x.dtype} but the base layer's weight has dtype {w.dtype}")
         return ia3_linear(x, w, bias, l, feedforward=self.is_feedforward)
 
