@@ -476,3 +476,28 @@ def test_permuted_3d_inputs():
     a["up_weight"] = randn(9, 37, scale=0.5).t()
     assert not a["h"].is_contiguous() and not a["up_weight"].is_contiguous()
     run_parity(a, torch.float32, activation="gelu")
+
+
+def test_module_learned_scaling():
+    """scaling="learned": a trainable [1] parameter named ``scaling`` (AdapterHub), exact grad."""
+    d = 48
+    mod = BottleneckAdapter(d, reduction_factor=4, placement="parallel", scaling="learned").to(DEVICE)
+    assert "scaling" in mod.state_dict() and mod.scaling.shape == (1,)
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    ln = torch.nn.LayerNorm(d).to(DEVICE)
+    h, x_in = randn(2, 5, d).float(), randn(2, 5, d).float()
+    g = torch.rand(2, 5, 1, device=DEVICE) + 0.2
+    out = mod(h, x_in, ln, gate=g)
+    params = {k: v.detach().double().requires_grad_(True) for k, v in mod.named_parameters()}
+    ref = _placement_formula("parallel", h.double(), x_in.double(), params, "relu", params["scaling"],
+                             ln.weight.detach().double(), ln.bias.detach().double(), 1e-5, g.double())
+    assert_close("output", out, ref, 1e-4)
+    dy = torch.randn_like(ref)
+    out.backward(dy.float())
+    ref.backward(dy)
+    for name, p in mod.named_parameters():
+        assert_close(f"d{name}", p.grad, params[name].grad, 1e-4)
+    with pytest.raises(ValueError, match="scaling"):
+        BottleneckAdapter(d, scaling="sometimes")

@@ -68,7 +68,8 @@ class BottleneckAdapter(nn.Module):
         reduction_factor: m = max(1, d // reduction_factor); default by placement.
         placement: "pfeiffer" (seq_bn), "houlsby" (double_seq_bn) or "parallel" (par_bn).
         non_linearity: relu, gelu, gelu_new, silu / swish; default by placement.
-        scaling: s (a float); default by placement.
+        scaling: s (a float), or "learned" (AdapterHub: a trainable scalar parameter
+            ``scaling`` initialised to 1, fed to the kernel as a gate); default by placement.
         init_weights: "bert" (weights N(0, 0.02), biases 0), "mam_adapter" (down
             kaiming-uniform, up and biases 0: exactly the identity adapter) or "houlsby"
             (near identity: weights truncated N(0, 1e-2) within +-2e-2, biases 0).
@@ -93,15 +94,20 @@ class BottleneckAdapter(nn.Module):
             raise ValueError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {non_linearity!r}")
         if init_weights not in INITS:
             raise ValueError(f"init_weights must be one of {INITS}, got {init_weights!r}")
-        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
-            raise ValueError(f"scaling must be a finite float, got {scaling!r}")
+        learned = isinstance(scaling, str) and scaling == "learned"
+        if not learned and (isinstance(scaling, bool) or not isinstance(scaling, (int, float))
+                            or not math.isfinite(scaling)):
+            raise ValueError(f"scaling must be a finite float or 'learned', got {scaling!r}")
         self.placement = key
         self.hidden_size = hidden_size
         self.bottleneck_size = max(1, int(hidden_size // reduction_factor))
         self.non_linearity = non_linearity.lower()
-        self.scaling = float(scaling)
         self.init_weights = init_weights
         kw = dict(device=device, dtype=dtype)
+        if learned:
+            self.scaling = nn.Parameter(torch.ones(1, **kw))
+        else:
+            self.scaling = float(scaling)
         self.adapter_down = nn.Sequential(nn.Linear(hidden_size, self.bottleneck_size, **kw),
                                           _Activation(self.non_linearity))
         self.adapter_up = nn.Linear(self.bottleneck_size, hidden_size, **kw)
@@ -128,8 +134,12 @@ class BottleneckAdapter(nn.Module):
                 residual2: torch.Tensor | None = None) -> torch.Tensor:
         """``residual (+ residual2) + gate * s * f(z)`` (the fused op, no LayerNorm)."""
         down, up = self.adapter_down[0], self.adapter_up
+        scaling = self.scaling
+        if isinstance(scaling, torch.Tensor):  # learned: a [1] parameter, differentiable through the gate input
+            gate = scaling if gate is None else gate * scaling
+            scaling = 1.0
         return bottleneck_adapter(z, down.weight, down.bias, up.weight, up.bias, residual=residual,
-                                  activation=self.non_linearity, scaling=self.scaling, gate=gate,
+                                  activation=self.non_linearity, scaling=scaling, gate=gate,
                                   residual2=residual2)
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor, layer_norm: nn.Module | None = None,
