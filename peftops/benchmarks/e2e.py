@@ -1,0 +1,94 @@
+"""End-to-end bench: one training step (forward + backward of the loss) of a Llama-style
+model built from a config (random weights, no download) with LoRA r=16 on every linear
+layer, plain peft vs peft + ``peftops.accelerate``.
+
+``small=False``: ~1.1B parameters (TinyLlama-1.1B's shape: hidden 2048, 22 layers, 32 heads,
+4 kv heads, FFN 5632, vocab 32000), bf16, batch 1 x seq 2048. ``small=True``: the tiny
+Llama (hidden 64, 2 layers) for the CPU parity pass. Each provider returns
+``(loss, *LoRA grads)`` so the same case serves GPU timing and CPU parity.
+"""
+from __future__ import annotations
+
+import torch
+
+from .core import Case
+
+SIZES = {
+    # name: (LlamaConfig kwargs, batch, seq, LoRA r)
+    "tiny": (dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=64), 2, 16, 4),
+    "medium": (dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4, num_attention_heads=32,
+                    num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048), 1, 1024, 16),
+    "1b": (dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048), 1, 2048, 16),
+}
+
+
+def build_model(size: str, device, dtype: torch.dtype, accelerated: bool, seed: int = 0):
+    """A peft LoRA model (r from ``SIZES``, alpha = 2r, all linear layers) over a randomly
+    initialised Llama, LoRA B random (a trained state), optionally accelerated."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg_kw, _, _, r = SIZES[size]
+    cfg = LlamaConfig(**cfg_kw)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        base = LlamaForCausalLM._from_config(cfg, dtype=dtype)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"),
+                           autocast_adapter_dtype=False)  # adapters in the model dtype, as peftops computes
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * r ** -0.5)
+    model.train()
+    if accelerated:
+        from ..integrations.accelerate import accelerate
+
+        accelerate(model)
+    return model
+
+
+def batch(size: str, device, seed: int = 0) -> torch.Tensor:
+    cfg_kw, b, t, _ = SIZES[size]
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randint(0, cfg_kw["vocab_size"], (b, t), generator=g).to(device)
+
+
+def step_fn(model, ids):
+    """One training step's compute: the loss and the LoRA gradients (not accumulated)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        return (loss.detach(), *torch.autograd.grad(loss, params))
+    return step
+
+
+def base_params(size: str) -> int:
+    c = SIZES[size][0]
+    d, f, L, h, kv, v = (c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"],
+                         c["num_attention_heads"], c["num_key_value_heads"], c["vocab_size"])
+    attn = d * d * 2 + 2 * d * (d // h) * kv
+    return L * (attn + 3 * d * f) + 2 * v * d
+
+
+def cases(device, dtype, small: bool) -> list[Case]:
+    size = "tiny" if small else "1b"
+    cfg_kw, b, t, r = SIZES[size]
+
+    def make(accelerated):
+        def build():
+            model = build_model(size, device, dtype, accelerated)
+            return step_fn(model, batch(size, device))
+        return build
+
+    tokens = b * t
+    n = base_params(size)
+    # Frozen base: forward 2 N T + backward dx only 2 N T (no dW); attention not counted.
+    flops = 4.0 * n * tokens
+    return [Case(op="e2e_llama_lora_train_step", shape=dict(size=size, batch=b, seq=t, r=r,
+                                                            params=n), dtype=dtype,
+                 providers={"peft": make(False), "peftops": make(True)}, flops=flops,
+                 bytes=2.0 * n * dtype.itemsize, parity_with="peft", compare=("peftops",))]
