@@ -346,22 +346,37 @@ def prefix_attn_bwd_dkdv_kernel(
                  dv.to(dv_ptr.dtype.element_ty), mask=nd)
 
 
-def fwd_config(T, D, interpret):
-    """Launch config for the forward / dq kernels. GPU values follow the usual Hopper
-    flash-attention choices (128 x 64 tiles, 8 warps for D = 128); not yet tuned on a GPU."""
+def fwd_config(T, D, elt, interpret):
+    """Launch config for the forward kernel. GPU values follow the usual Hopper
+    flash-attention choices (128 x 64 tiles, 8 warps for D = 128, 16-bit inputs); fp32 and
+    D = 256 use smaller tiles / fewer stages to stay within shared memory (checked by compiling
+    for sm_90). Not yet tuned on a GPU."""
+    BD = max(16, D)
     if interpret:
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+    if elt >= 4:
+        if BD >= 256:
+            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if BD <= 64 else 8, num_stages=2)
     if T <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    if D <= 64:
+    if BD >= 256:
+        return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
+    if BD <= 64:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
 
 
-def bwd_config(T, D, interpret):
-    """Launch config for the backward kernels (64 x 64 tiles keep dK, dV, Q, dO on chip)."""
+def bwd_config(T, D, elt, interpret):
+    """Launch config for the backward kernels (64 x 64 tiles keep dK, dV, Q, dO on chip;
+    smaller for fp32 / D = 256)."""
+    BD = max(16, D)
     if interpret:
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
-    if D <= 64:
+    if BD >= 256:
+        return dict(BLOCK_M=32, BLOCK_N=32 if elt >= 4 else 64, num_warps=8, num_stages=1)
+    if elt >= 4 and BD >= 128:
+        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
+    if BD <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)

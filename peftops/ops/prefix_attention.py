@@ -150,7 +150,7 @@ def prefix_attention_fwd(
     if T == 0 or B == 0:
         return o, lse
     kk = kernels("prefix_attention")
-    cfg = kk.fwd_config(T, D, _interpret(q))
+    cfg = kk.fwd_config(T, next_pow2(D), q.element_size(), _interpret(q))
     grid = (-(-T // cfg["BLOCK_M"]), B * Hq)
     # s2 = (q . key) * scale * log2(e) (* gk for the prefix); O = sum 2^(s2 - m) value / sum 2^(s2 - m)
     kk.prefix_attn_fwd_kernel[grid](
@@ -194,7 +194,7 @@ def prefix_attention_bwd(
         o, do, delta, T, D, Hq, *o.stride(), *do.stride(), BLOCK_M=pre_m, BLOCK_D=common["BLOCK_D"])
     record_launch("prefix_attn_bwd_preprocess")
 
-    cfg = kk.bwd_config(T, D, interp)
+    cfg = kk.bwd_config(T, next_pow2(D), q.element_size(), interp)
     blocks = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
                   num_stages=cfg["num_stages"])
     # dQ = scale * (gk * dS_pre Pk + dS_seq K),  dS = P * (dO [gv Pv; V]^T - delta)
