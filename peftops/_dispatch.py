@@ -25,6 +25,13 @@ BACKENDS = ("auto", "triton", "reference")
 _counts: collections.Counter = collections.Counter()
 
 
+def _bump(key: str) -> None:
+    # Not while torch.compile traces: dynamo would replay its traced copy of the counter
+    # after the graph and wipe the launches counted at run time inside the custom ops.
+    if not torch.compiler.is_compiling():
+        _counts[key] += 1
+
+
 def backend() -> str:
     """The backend named by ``PEFTOPS_BACKEND`` (read on every call, so tests can switch)."""
     name = os.environ.get("PEFTOPS_BACKEND", "auto").strip().lower() or "auto"
@@ -47,11 +54,11 @@ def use_triton(op: str, *tensors: torch.Tensor | None, unsupported: str | None =
     choice = backend()
     present = [t for t in tensors if t is not None]
     if choice == "reference":
-        _counts[f"{op}.reference"] += 1
+        _bump(f"{op}.reference")
         return False
     on_cuda = bool(present) and all(t.is_cuda for t in present)
     if choice == "auto" and not on_cuda:
-        _counts[f"{op}.reference"] += 1
+        _bump(f"{op}.reference")
         return False
     if not on_cuda:
         devices = sorted({str(t.device) for t in present})
@@ -64,15 +71,15 @@ def use_triton(op: str, *tensors: torch.Tensor | None, unsupported: str | None =
             )
     if unsupported is not None:
         log.debug("peftops %s: falling back to the reference: %s", op, unsupported)
-        _counts[f"{op}.fallback"] += 1
-        _counts[f"{op}.fallback:{unsupported}"] += 1
+        _bump(f"{op}.fallback")
+        _bump(f"{op}.fallback:{unsupported}")
         return False
-    _counts[f"{op}.triton"] += 1
+    _bump(f"{op}.triton")
     return True
 
 
 def record_launch(kernel: str) -> None:
-    _counts[f"launch.{kernel}"] += 1
+    _bump(f"launch.{kernel}")
 
 
 def dispatch_counts() -> dict[str, int]:
