@@ -302,3 +302,14 @@ def test_bad_input():
         peftops.accelerate("not a model")
     _, summary = peftops.accelerate(tiny_llama(), return_summary=True)  # no tuner layers: reported, no error
     assert not summary.swapped and not summary.left
+
+
+def test_demo_main_job_rows():
+    from peftops.integrations import demo
+
+    rows = demo.run("cpu", torch.float32)
+    errs = {r["check"]: r.get("max_rel_err") for r in rows}
+    assert errs["logits"] <= TOL and errs["loss"] <= TOL
+    assert [v for k, v in errs.items() if k.startswith("grads")][0] <= TOL
+    assert [r for r in rows if r["check"] == "kernel launches"][0]["launches"] > 0
+    assert not any(r["check"] == "train step" for r in rows)  # no timing on a CPU
