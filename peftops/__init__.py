@@ -16,11 +16,19 @@ from .nn.bitfit import bitfit
 from .ops.prefix_attention import prefix_attention
 from .nn.prefix import PrefixEncoder
 from .integrations import accelerate, deaccelerate  # lazy: peft is imported on first call
+from .integrations import BottleneckConfig, FusionConfig, add_adapter, load_adapter, save_adapter, set_active_adapters, train_adapter
 
 __version__ = "0.1.0"
 
 __all__ = [
     "accelerate",
+    "add_adapter",
+    "set_active_adapters",
+    "train_adapter",
+    "save_adapter",
+    "load_adapter",
+    "BottleneckConfig",
+    "FusionConfig",
     "deaccelerate",
     "ia3_linear",
     "IA3Linear",

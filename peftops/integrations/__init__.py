@@ -22,4 +22,9 @@ def deaccelerate(model):
     return _deaccelerate(model)
 
 
-__all__ = ["accelerate", "deaccelerate"]
+from .checkpoint import load_adapter, save_adapter  # noqa: E402
+from .inject import (BottleneckConfig, FusionConfig, add_adapter, delete_adapter, remove_injection,  # noqa: E402
+                     set_active_adapters, train_adapter)
+
+__all__ = ["accelerate", "deaccelerate", "add_adapter", "set_active_adapters", "train_adapter", "delete_adapter",
+           "remove_injection", "save_adapter", "load_adapter", "BottleneckConfig", "FusionConfig"]
