@@ -15,6 +15,13 @@ def kernels(name: str):
     return importlib.import_module(f"peftops.kernels.{name}")
 
 
+def cpu_configs(t: torch.Tensor) -> bool:
+    """Whether a launcher should pick its interpreter launch config (few, large programs)
+    for a tensor on ``t``'s device. ``PEFTOPS_GPU_CONFIGS=1`` makes CPU runs use the GPU
+    configs (``python -m peftops compile-check`` records the kernels that way)."""
+    return t.device.type != "cuda" and os.environ.get("PEFTOPS_GPU_CONFIGS", "0") != "1"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision for fp32 operands: IEEE when
     ``torch.get_float32_matmul_precision() == "highest"``, else tf32 (as torch.matmul)."""

@@ -1,4 +1,4 @@
-"""Command line: ``python -m peftops {demo,bench}``.
+"""Command line: ``python -m peftops {demo,bench,compile-check}``.
 
 Without a GPU, the Triton kernels run in Triton's CPU interpreter; the interpreter must
 be switched on before triton is imported, so the CLI re-executes itself with
@@ -25,6 +25,10 @@ def _ensure_interpreter(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compile-check"]:
+        from . import compile_check
+
+        return compile_check.main(argv[1:])
     from .benchmarks import METHODS
 
     parser = argparse.ArgumentParser(prog="python -m peftops", description=__doc__.splitlines()[0])

@@ -18,7 +18,7 @@ import torch
 
 from .. import _checks, reference
 from .._dispatch import record_launch, use_triton
-from .._launch import dot_precision, empty, kernels, next_pow2, num_sms, rows, upcast_dots
+from .._launch import cpu_configs, dot_precision, empty, kernels, next_pow2, num_sms, rows, upcast_dots
 
 __all__ = ["bottleneck_adapter", "ACTIVATIONS", "MAX_KERNEL_WIDTH"]
 
@@ -179,7 +179,7 @@ def adapter_fwd(
     if T == 0:
         return out, z
     k = kernels("adapter")
-    cfg = k.rows_config(T, D, MW, h.device.type != "cuda")
+    cfg = k.rows_config(T, D, MW, cpu_configs(h))
     # out = residual (+ residual2) + G (act(h Wd^T + bd) Wu^T + bu),  G = scaling * gate;  z = h Wd^T + bd
     r2 = residual2 if residual2 is not None else residual
     k.adapter_fwd_kernel[(-(-T // cfg["BLOCK_M"]),)](
@@ -227,7 +227,7 @@ def adapter_bwd(
                 h.new_zeros(MW) if need_dbd else nothing(), torch.zeros_like(up_weight) if need_dwu else nothing(),
                 h.new_zeros(D) if need_dwu else nothing(), h.new_empty(0, dtype=torch.float32))
     k = kernels("adapter")
-    interpret = h.device.type != "cuda"
+    interpret = cpu_configs(h)
     upcast, precision, block_w = upcast_dots(h.dtype), dot_precision(h.dtype), next_pow2(MW)
     has_gate = gate is not None
     need_dz = need_dh or need_dwd or need_dbd or need_dgate

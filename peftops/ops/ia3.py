@@ -14,7 +14,7 @@ import torch
 
 from .. import _checks, reference
 from .._dispatch import record_launch, use_triton
-from .._launch import dot_precision, empty, kernels, rows, upcast_dots
+from .._launch import cpu_configs, dot_precision, empty, kernels, rows, upcast_dots
 
 __all__ = ["ia3_linear"]
 
@@ -116,7 +116,7 @@ def _gemm(a, b, *, bias=None, in_scale=None, out_scale=None, y=None, epi_colsum=
     k = kernels("ia3")
     M, K = a.shape
     N = b.shape[1]
-    cfg = k.gemm_config(M, N, K, a.device.type != "cuda")
+    cfg = k.gemm_config(M, N, K, cpu_configs(a))
     m_blocks = -(-M // cfg["BLOCK_M"])
     out = empty((M, N), out_dtype or a.dtype, a.device) if store else None
     part = None
@@ -146,7 +146,7 @@ def _colsum(a, y):
     """Partials ``[row blocks, N]`` of ``colsum(a * y)`` for a, y ``[M, N]``, fp32."""
     k = kernels("ia3")
     M, N = a.shape
-    cfg = k.colsum_config(M, N, a.device.type != "cuda")
+    cfg = k.colsum_config(M, N, cpu_configs(a))
     m_blocks = -(-M // cfg["BLOCK_M"])
     part = empty((m_blocks, N), torch.float32, a.device)
     k.ia3_colsum_kernel[(m_blocks, -(-N // cfg["BLOCK_N"]))](

@@ -14,7 +14,7 @@ import torch
 
 from .. import _checks, reference
 from .._dispatch import record_launch, use_triton
-from .._launch import dot_precision, empty, kernels, new_seed, next_pow2, num_sms, rows, upcast_dots
+from .._launch import cpu_configs, dot_precision, empty, kernels, new_seed, next_pow2, num_sms, rows, upcast_dots
 
 __all__ = ["lora_linear"]
 
@@ -108,7 +108,7 @@ def _skinny(x, e=None, f=None, *, seed=None, p=0.0):
     k = kernels("lora")
     M, N = x.shape
     R = (e if e is not None else f).shape[1]
-    interpret = x.device.type != "cuda"
+    interpret = cpu_configs(x)
     cfg = k.skinny_config(M, N, 2 * num_sms(x.device), interpret)
     m_blocks, splits = -(-M // cfg["BLOCK_M"]), cfg["splits"]
     p1 = empty((splits, M, R), torch.float32, x.device) if e is not None else None
@@ -138,7 +138,7 @@ def _gemm(x, w, bias, s, e, rowscale, scale, out_dtype, *, seed=None, p=0.0):
     N = w.shape[1]
     R = s.shape[1]
     out = empty((M, N), out_dtype, x.device)
-    cfg = k.gemm_config(M, N, K, x.device.type != "cuda")
+    cfg = k.gemm_config(M, N, K, cpu_configs(x))
     grid = (-(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"]),)
     epi = "tf32" if x.dtype != torch.float32 else dot_precision(x.dtype)
     k.lora_gemm_kernel[grid](
