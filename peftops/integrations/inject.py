@@ -307,8 +307,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if users:
         raise ValueError(f"adapter {name!r} is used by fusion(s) {users}; delete those first")
     for site in st.sites:
-        site.holder.adapters.pop(name, None)
-        site.holder.adapter_fusion.pop(name, None)
+        for d in (site.holder.adapters, site.holder.adapter_fusion):
+            if name in d:
+                del d[name]
     del st.configs[name]
     st.active = [a for a in st.active if a != name]
 
