@@ -313,3 +313,20 @@ def test_demo_main_job_rows():
     assert [v for k, v in errs.items() if k.startswith("grads")][0] <= TOL
     assert [r for r in rows if r["check"] == "kernel launches"][0]["launches"] > 0
     assert not any(r["check"] == "train step" for r in rows)  # no timing on a CPU
+
+
+def test_bf16_base_with_fp32_adapters():
+    """peft keeps LoRA weights in fp32 over a bf16 base (autocast_adapter_dtype): the
+    accelerated layer computes in bf16 and its fp32 weights get fp32 gradients."""
+    torch.manual_seed(0)
+    plain = randomise(get_peft_model(tiny_llama().to(torch.bfloat16),
+                                     LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))).eval()
+    assert plain.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    fast = copy.deepcopy(plain)
+    peftops.accelerate(fast)
+    ya, ga = fwd_bwd(plain, IDS)
+    yb, gb = fwd_bwd(fast, IDS)
+    assert rel_err(yb, ya) <= 2e-2
+    for n in ga:
+        assert gb[n].dtype == torch.float32 and rel_err(gb[n], ga[n]) <= 2e-2, (n, rel_err(gb[n], ga[n]))
+    assert peftops.dispatch_counts().get("lora.triton", 0) >= 4

@@ -303,3 +303,16 @@ def test_bad_input():
         peftops.set_active_adapters(model, "zzz")
     with pytest.raises(TypeError, match="config"):
         peftops.add_adapter(model, "c", 3)
+
+
+def test_native_adapter_on_accelerated_peft_lora_model():
+    """Native adapters and peft LoRA (accelerated) on one model: both kinds run their kernels."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    peftops.accelerate(model)
+    peftops.add_adapter(model, "ad", "parallel")  # train=True: only the adapter trains now
+    assert all(".adapters.ad." in n for n, p in model.named_parameters() if p.requires_grad)
+    out = model(input_ids=IDS, labels=IDS)
+    out.loss.backward()
+    c = peftops.dispatch_counts()
+    assert c.get("launch.lora_gemm", 0) > 0 and c.get("launch.adapter_fwd", 0) > 0

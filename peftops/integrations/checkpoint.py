@@ -21,7 +21,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def _base(model: nn.Module) -> nn.Module:
-    return getattr(model, "base_model", model)
+    return inject._base(model)
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str) -> None:

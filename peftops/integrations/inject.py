@@ -212,13 +212,19 @@ def _state(model: nn.Module, create: bool = True) -> _Injection:
                              f"({type(model).__name__})")
         family = FAMILIES[model_type]
         st = _Injection(family, model_type)
-        base = getattr(model, "base_model", model)
-        layers = base.get_submodule(family.layers)
+        layers = _base(model).get_submodule(family.layers)
         for layer in layers:
             for loc_name, loc in family.locations.items():
                 st.sites.append(_Site(st, layer, loc_name, loc))
         model.__dict__["_peftops_injection"] = st
     return st
+
+
+def _base(model: nn.Module) -> nn.Module:
+    """The transformers base model (``BertModel``, ``LlamaModel``), also through a peft
+    ``PeftModel`` wrapper (native adapters and peft LoRA can share a model)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner, "base_model", inner)
 
 
 def _hidden_size(model) -> int:
