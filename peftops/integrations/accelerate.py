@@ -56,7 +56,7 @@ def _conv1d_type():
 
 
 def _count(key: str) -> None:
-    _dispatch._counts[key] += 1
+    _dispatch._bump(key)  # (not while torch.compile traces)
 
 
 def _bind_peft_names(cls: type, peft_cls: type, ours: type) -> type:
