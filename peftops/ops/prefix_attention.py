@@ -16,7 +16,7 @@ import torch
 
 from .. import _checks, reference
 from .._dispatch import record_launch, use_triton
-from .._launch import dot_precision, empty, kernels, next_pow2, upcast_dots
+from .._launch import cpu_configs, dot_precision, empty, kernels, next_pow2, upcast_dots
 
 __all__ = ["prefix_attention"]
 
@@ -133,7 +133,7 @@ def _strides4(t):
 
 
 def _interpret(t):
-    return t.device.type != "cuda"
+    return cpu_configs(t)
 
 
 @torch.library.custom_op("peftops::prefix_attention_fwd", mutates_args=())
