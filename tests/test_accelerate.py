@@ -330,3 +330,14 @@ def test_bf16_base_with_fp32_adapters():
     for n in ga:
         assert gb[n].dtype == torch.float32 and rel_err(gb[n], ga[n]) <= 2e-2, (n, rel_err(gb[n], ga[n]))
     assert peftops.dispatch_counts().get("lora.triton", 0) >= 4
+
+
+def test_modules_to_save_and_prompt_learning_are_reported():
+    from peft import PrefixTuningConfig
+
+    plain = get_peft_model(tiny_bert(), LoraConfig(r=2, target_modules=["query"], modules_to_save=["pooler.dense"]))
+    _, s = peftops.accelerate(plain, return_summary=True)
+    assert len(s.swapped) == 2 and any("ModulesToSaveWrapper" in r for r in s.left.values())
+    prefix = get_peft_model(tiny_llama(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    _, s = peftops.accelerate(prefix, return_summary=True)
+    assert not s.swapped and "prompt learning" in s.left["prompt_encoder"]

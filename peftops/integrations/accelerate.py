@@ -176,6 +176,9 @@ def accelerate(model: nn.Module, *, return_summary: bool = False):
     summary = AccelerateSummary()
     ours = {v[0] for v in _REGISTRY.values()}
     for path, module in model.named_modules():
+        if type(module).__name__ in ("ModulesToSaveWrapper", "TrainableTokensWrapper"):
+            summary.left[path] = f"{type(module).__name__} (a trained copy of a plain module): no adapter kernel"
+            continue
         if not isinstance(module, BaseTunerLayer):
             continue
         cls = type(module)
@@ -193,6 +196,10 @@ def accelerate(model: nn.Module, *, return_summary: bool = False):
             continue
         module.__class__ = target
         summary.swapped[path] = target.__name__
+    cfg = getattr(model, "active_peft_config", None)
+    if cfg is not None and getattr(cfg, "is_prompt_learning", False):
+        summary.left["prompt_encoder"] = (f"{cfg.peft_type} is prompt learning (virtual tokens, no tuner layers): "
+                                          "peft's own; see peftops.prefix_attention / PrefixEncoder")
     if not summary.swapped and not summary.left:
         log.warning("peftops.accelerate: no peft tuner layers found in %s", type(model).__name__)
     elif summary.left:
