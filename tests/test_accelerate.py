@@ -341,3 +341,21 @@ def test_modules_to_save_and_prompt_learning_are_reported():
     prefix = get_peft_model(tiny_llama(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     _, s = peftops.accelerate(prefix, return_summary=True)
     assert not s.swapped and "prompt learning" in s.left["prompt_encoder"]
+
+
+def test_adding_a_peft_adapter_after_accelerate():
+    """peft's add_adapter calls update_layer on the swapped layers (peft's own, re-bound) and
+    creates plain peft layers for new targets: accelerate again picks those up."""
+    plain, fast = pair(tiny_llama, LoraConfig(r=4, target_modules=["q_proj"]))
+    peftops.accelerate(fast)
+    for m in (plain, fast):
+        m.add_adapter("extra", LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj", "k_proj"]))
+        randomise(m, seed=7)
+        m.set_adapter("extra")
+        m.eval()
+    q = fast.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, peftops.LoraLinear) and set(q.lora_A) == {"default", "extra"}
+    assert not isinstance(fast.base_model.model.model.layers[0].self_attn.k_proj, peftops.LoraLinear)
+    _, s = peftops.accelerate(fast, return_summary=True)
+    assert len(s.swapped) == 4 and not s.left
+    assert_same(plain, fast, IDS)
