@@ -17,6 +17,8 @@ from .ops.prefix_attention import prefix_attention
 from .nn.prefix import PrefixEncoder
 from .integrations import accelerate, deaccelerate  # lazy: peft is imported on first call
 from .integrations import BottleneckConfig, FusionConfig, add_adapter, load_adapter, save_adapter, set_active_adapters, train_adapter
+from .ops.unipelt import gated_lora_linear
+from .nn.unipelt import GatedBottleneckAdapter, GatedLoraLinear, GatedPrefix, UniPELT, UniPELTConfig, UniPELTLayer
 
 __version__ = "0.1.0"
 
@@ -44,4 +46,11 @@ __all__ = [
     "LoraLinear",
     "prefix_attention",
     "PrefixEncoder",
+    "gated_lora_linear",
+    "GatedLoraLinear",
+    "GatedBottleneckAdapter",
+    "GatedPrefix",
+    "UniPELT",
+    "UniPELTConfig",
+    "UniPELTLayer",
 ]

@@ -181,3 +181,31 @@ def prefix_attention(
         visible = (col[None, :] < L) | (col[None, :] - L <= row[:, None])
         scores = scores.masked_fill(~visible, float("-inf"))
     return torch.softmax(scores.float() if q.dtype in (torch.float16, torch.bfloat16) else scores, dim=-1).to(q.dtype) @ values
+
+
+# --------------------------------------------------------------------------- UniPELT
+def unipelt_gate(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor | None, gate_mode: str = "sequence") -> torch.Tensor:
+    """``g = sigmoid(x Wg^T + bg)``: per token ``[..., T, k]`` ("token") or AdapterHub's mean of
+    the sigmoid over the sequence axis -2, per sample ``[..., 1, k]`` ("sequence")."""
+    g = torch.sigmoid(F.linear(x, gate_weight, gate_bias))
+    if gate_mode == "sequence" and x.dim() >= 2:
+        g = g.mean(-2, keepdim=True)
+    return g
+
+
+def gated_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None,
+    *,
+    scaling: float = 1.0,
+    gate_mode: str = "sequence",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """UniPELT's LoRA: ``y = x W^T + b + g * scaling * (x A^T) B^T`` with ``g = unipelt_gate(x)``
+    (no alpha / r when gated: scaling 1). Returns ``(y, g.detach())``."""
+    g = unipelt_gate(x, gate_weight, gate_bias, gate_mode)
+    return lora_linear(x, weight, bias, lora_A, lora_B, scaling, gate=g), g.detach()

@@ -5,5 +5,6 @@ from .lora import LoraLinear
 from .ia3 import IA3Linear
 from .bitfit import bitfit
 from .prefix import PrefixEncoder
+from .unipelt import GatedBottleneckAdapter, GatedLoraLinear, GatedPrefix, UniPELT, UniPELTConfig, UniPELTLayer
 
-__all__ = ["IA3Linear", "bitfit", "AdapterFusion", "BottleneckAdapter", "LoraLinear", "PrefixEncoder"]
+__all__ = ["IA3Linear", "bitfit", "AdapterFusion", "BottleneckAdapter", "LoraLinear", "PrefixEncoder", "GatedLoraLinear", "GatedBottleneckAdapter", "GatedPrefix", "UniPELT", "UniPELTConfig", "UniPELTLayer"]

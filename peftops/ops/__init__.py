@@ -4,5 +4,6 @@ from .fusion import adapter_fusion
 from .lora import lora_linear
 from .ia3 import ia3_linear
 from .prefix_attention import prefix_attention
+from .unipelt import gated_lora_linear
 
-__all__ = ["ia3_linear", "bottleneck_adapter", "adapter_fusion", "lora_linear", "prefix_attention"]
+__all__ = ["ia3_linear", "bottleneck_adapter", "adapter_fusion", "lora_linear", "prefix_attention", "gated_lora_linear"]
