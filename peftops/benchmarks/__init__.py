@@ -8,4 +8,5 @@ METHODS = {
     "ia3": "peftops.benchmarks.ia3",
     "lora": "peftops.benchmarks.lora",
     "prefix_attention": "peftops.benchmarks.prefix_attention",
+    "unipelt": "peftops.benchmarks.unipelt",
 }
