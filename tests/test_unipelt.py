@@ -318,3 +318,27 @@ def test_block_matches_plain_composition(mode, causal, dtype):
     c = peftops.dispatch_counts()
     for kern in ("lora_skinny", "lora_gemm", "prefix_attn_fwd", "prefix_attn_bwd_dkdv", "adapter_fwd", "adapter_bwd_rows"):
         assert c.get(f"launch.{kern}"), (kern, c)
+
+
+def test_gated_lora_opcheck_and_compile():
+    from peftops.ops import unipelt as up
+
+    a = {n: t.float() for n, t in gl_args((2, 5), 16, 12, 8).items()}
+    fwd_args = (a["x"].view(10, 16), a["weight"], a["bias"], a["lora_A"], a["lora_B"], a["gate_weight"],
+                a["gate_bias"], 1.0, "sequence", [5])
+    torch.library.opcheck(up.gated_lora_fwd, fwd_args)
+    y, s_ext, g = up.gated_lora_fwd(*fwd_args)
+    torch.library.opcheck(up.gated_lora_bwd, (torch.randn_like(y), a["x"].view(10, 16), a["weight"], a["lora_A"],
+                                              a["lora_B"], a["gate_weight"], a["gate_bias"], s_ext, g, 1.0,
+                                              "sequence", [5], True))
+    t = {n: v.detach().requires_grad_(n != "weight" and n != "bias") for n, v in a.items()}
+    fn = lambda **k: gated_lora_linear(**k, gate_mode="token")[0]  # noqa: E731
+    out = torch.compile(fn, backend="aot_eager", fullgraph=True)(**t)
+    m64 = {n: v.detach().double().requires_grad_(t[n].requires_grad) for n, v in t.items()}
+    want = reference.gated_lora_linear(**m64, gate_mode="token")[0]
+    assert_close("y", out, want, BOUNDS[torch.float32])
+    wrt = [n for n in t if t[n].requires_grad]
+    got = torch.autograd.grad(out.square().sum(), [t[n] for n in wrt])
+    exp = torch.autograd.grad(want.square().sum(), [m64[n] for n in wrt])
+    for n, g1, g2 in zip(wrt, got, exp):
+        assert_close(f"d{n}", g1, g2, BOUNDS[torch.float32])

@@ -194,8 +194,8 @@ def gated_lora_bwd(
     dx = x.new_empty(0)
     if need_dx:                                                                  # dx = dY W + [dS | dz] [A ; Wg]
         dx = _gemm(dy, weight, None, f_ext, torch.cat([lora_A, gate_weight], 0), None, 1.0, x.dtype)
-    d_a = d_ext[:, :r].t().to(lora_A.dtype, copy=True)                           # separate storages: custom ops
-    d_gw = d_ext[:, r:].t().to(gate_weight.dtype, copy=True)                     # may not return aliases
+    d_a = d_ext[:, :r].t().contiguous().to(lora_A.dtype)                         # contiguous copies: custom ops
+    d_gw = d_ext[:, r:].t().contiguous().to(gate_weight.dtype)                   # may not return aliases
     return dx, d_a, d_b.to(lora_B.dtype), d_gw, dz.sum().view(1).to(gate_weight.dtype)
 
 
