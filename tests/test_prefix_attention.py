@@ -6,6 +6,8 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import peftops
 from peftops import reference
@@ -120,6 +122,32 @@ def test_zero_gate_and_custom_scale():
     args["prefix_gate"] = torch.tensor([[0.0, 0.7], [0.5, 0.0]], dtype=torch.float64)
     check_parity(peftops.prefix_attention, reference.prefix_attention, args, GRADS + ["prefix_gate"],
                  torch.float32, op_kwargs=dict(scale=0.3), ref_kwargs=dict(scale=0.3))
+
+
+def test_fp32_gate_with_bf16_inputs():
+    """The gate may have its own dtype (UniPELT computes it in the model's dtype or fp32);
+    its gradient comes back in that dtype."""
+    m = pa_args(2, 4, 2, 11, 10, 16, gate=2)
+    a = {n: t.to(torch.bfloat16).requires_grad_() for n, t in m.items() if n != "prefix_gate"}
+    a["prefix_gate"] = m["prefix_gate"].float().requires_grad_()
+    out = peftops.prefix_attention(**a, is_causal=True)
+    m = {n: t.detach().requires_grad_() for n, t in m.items()}
+    ref = reference.prefix_attention(**m, is_causal=True)
+    dy = torch.randn_like(ref)
+    out.backward(dy.to(torch.bfloat16))
+    ref.backward(dy)
+    assert out.dtype == torch.bfloat16 and a["prefix_gate"].grad.dtype == torch.float32
+    assert_close("output", out, ref, BOUNDS[torch.bfloat16])
+    for n in GRADS:
+        assert_close(f"d{n}", a[n].grad, m[n].grad, BOUNDS[torch.bfloat16])
+
+
+@settings(max_examples=8, deadline=None)
+@given(B=st.integers(1, 2), group=st.sampled_from([1, 2, 4]), hkv=st.integers(1, 2), T=st.integers(1, 37),
+       L=st.integers(1, 20), D=st.sampled_from([8, 12, 16, 24, 32]), causal=st.booleans(), shared=st.booleans(),
+       gate=st.sampled_from([None, 1, 2]))
+def test_parity_hypothesis(B, group, hkv, T, L, D, causal, shared, gate):
+    run_parity(pa_args(B, hkv * group, hkv, T, L, D, shared=shared, gate=gate), torch.float32, causal)
 
 
 def test_tf32_follows_matmul_precision():
