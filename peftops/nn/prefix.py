@@ -16,8 +16,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.prefix_attention import prefix_attention
-
 __all__ = ["PrefixEncoder"]
 
 
@@ -90,8 +88,3 @@ class PrefixEncoder(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_layers={self.num_layers}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"num_virtual_tokens={self.num_virtual_tokens}, prefix_projection={self.prefix_projection}")
-
-
-def attend_with_prefix(q, k, v, prefix, *, gate=None, is_causal=False):
-    """``prefix_attention`` with ``prefix = (prefix_k, prefix_v)`` as ``PrefixEncoder`` returns."""
-    return prefix_attention(q, k, v, prefix[0], prefix[1], prefix_gate=gate, is_causal=is_causal)
