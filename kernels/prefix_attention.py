@@ -33,8 +33,8 @@ import triton.language as tl
 
 @triton.jit
 def prefix_attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, gate_ptr, o_ptr, lse_ptr,
-    T, L, D, HQ, GROUP,
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, gate_ptr, mask_ptr, o_ptr, lse_ptr,
+    T, L, D, HQ, GROUP, smb,
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
@@ -42,7 +42,7 @@ def prefix_attn_fwd_kernel(
     spvb, spvh, spvl, spvd,
     sob, soh, sot, sod,
     qk_scale2,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -111,6 +111,9 @@ def prefix_attn_fwd_kernel(
         s = tl.where(n_ok[None, :], s, float("-inf"))
         if CAUSAL:
             s = tl.where(rn[None, :] <= rm[:, None], s, float("-inf"))
+        if HAS_MASK:  # key padding: masked sequence keys get no weight (the prefix is never masked)
+            keep = tl.load(mask_ptr + b * smb + rn64, mask=n_ok, other=0)
+            s = tl.where(keep[None, :] != 0, s, float("-inf"))
         # m_i is finite here (every row saw >= 1 prefix key), so fully masked rows are safe.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -148,8 +151,8 @@ def prefix_attn_bwd_preprocess_kernel(
 
 @triton.jit
 def prefix_attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, gate_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    T, L, D, HQ, GROUP,
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, gate_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    T, L, D, HQ, GROUP, smb,
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
@@ -158,7 +161,7 @@ def prefix_attn_bwd_dq_kernel(
     sdob, sdoh, sdot, sdod,
     sdqb, sdqh, sdqt, sdqd,
     sm_scale, qk_scale2,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ for one query block: scale * (gk * dS_pre Pk + dS_seq K), dS = P (dP - delta)."""
@@ -223,6 +226,9 @@ def prefix_attn_bwd_dq_kernel(
         p = tl.where(n_ok[None, :], p, 0.0)
         if CAUSAL:
             p = tl.where(rn[None, :] <= rm[:, None], p, 0.0)
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + b * smb + rn64, mask=n_ok, other=0)
+            p = tl.where(keep[None, :] != 0, p, 0.0)
         dp = tl.dot(do, vt, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
@@ -276,9 +282,9 @@ def _kv_block_bwd(
 
 @triton.jit
 def prefix_attn_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, gate_ptr, do_ptr, lse_ptr, delta_ptr,
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, gate_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr,
     dk_ptr, dv_ptr, dpk_ptr, dpv_ptr,
-    T, L, D, HQ, HKV, GROUP,
+    T, L, D, HQ, HKV, GROUP, smb,
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
@@ -288,7 +294,7 @@ def prefix_attn_bwd_dkdv_kernel(
     sdkb, sdkh, sdkt, sdkd,
     sdvb, sdvh, sdvt, sdvd,
     sm_scale, qk_scale2,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Programs 0 .. cdiv(L, BLOCK_N)-1 of axis 0: prefix blocks -> fp32 partials
@@ -334,8 +340,11 @@ def prefix_attn_bwd_dkdv_kernel(
         lo = 0
         if CAUSAL:
             lo = (n0 // BLOCK_M) * BLOCK_M  # earlier query blocks cannot see this key block
+        n_live = n_ok
+        if HAS_MASK:  # padded keys: P = 0 in every row, so dK = dV = 0 there
+            n_live = n_ok & (tl.load(mask_ptr + b * smb + rn64, mask=n_ok, other=0) != 0)
         dk, dv = _kv_block_bwd(
-            q_ptr, do_ptr, lse_ptr, delta_ptr, k, v, rn, n_ok, b, hk, T, HQ, GROUP, D,
+            q_ptr, do_ptr, lse_ptr, delta_ptr, k, v, rn, n_live, b, hk, T, HQ, GROUP, D,
             sqb, sqh, sqt, sqd, sdob, sdoh, sdot, sdod,
             qk_scale2, 1.0, lo,
             CAUSAL, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)

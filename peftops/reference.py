@@ -156,6 +156,7 @@ def prefix_attention(
     prefix_gate: torch.Tensor | None = None,
     is_causal: bool = False,
     scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``softmax([q (gk Pk)^T ; q k^T] * scale) [gv Pv ; v]`` by concatenation.
 
@@ -163,6 +164,8 @@ def prefix_attention(
     prefix_k / prefix_v ``[Hkv, L, D]`` (shared) or ``[B, Hkv, L, D]``; prefix_gate None,
     ``[B, 2]`` or ``[B, 1]``: gk = gate[:, 0], gv = gate[:, -1] (UniPELT's g_P[0], g_P[-1]).
     Causal masking inside the sequence only: query i sees the whole prefix and keys 0..i.
+    key_padding_mask ``[B, T]`` (nonzero = attend) hides padded sequence keys; the mask over
+    the concatenated keys gets L ones in front (the prefix is always visible).
     """
     B, Hq, T, D = q.shape
     Hkv, L = k.shape[1], prefix_k.shape[-2]
@@ -180,6 +183,9 @@ def prefix_attention(
         row = torch.arange(T, device=q.device)
         visible = (col[None, :] < L) | (col[None, :] - L <= row[:, None])
         scores = scores.masked_fill(~visible, float("-inf"))
+    if key_padding_mask is not None:
+        keep = torch.cat([torch.ones(B, L, dtype=torch.bool, device=q.device), key_padding_mask != 0], 1)
+        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
     return torch.softmax(scores.float() if q.dtype in (torch.float16, torch.bfloat16) else scores, dim=-1).to(q.dtype) @ values
 
 

@@ -150,6 +150,29 @@ def test_parity_hypothesis(B, group, hkv, T, L, D, causal, shared, gate):
     run_parity(pa_args(B, hkv * group, hkv, T, L, D, shared=shared, gate=gate), torch.float32, causal)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_padding_mask(causal, dtype):
+    """Padded sequence keys (HF attention_mask = 0) get no weight; the prefix stays visible,
+    so even a fully padded sample has a defined output. Left and right padding."""
+    B, T = 3, 19
+    args = pa_args(B, 4, 2, T, 10, 16, gate=2)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, 13:] = 0   # right padding
+    mask[1, :5] = 0    # left padding
+    mask[2, :] = 0     # nothing but the prefix
+    run_parity(args, dtype, causal, key_padding_mask=mask)
+    run_parity(args, dtype, causal, key_padding_mask=mask.bool())
+
+
+def test_key_padding_mask_bad_input():
+    a = _bad()
+    with pytest.raises(ValueError, match="key_padding_mask has shape"):
+        peftops.prefix_attention(**a, key_padding_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="key_padding_mask must be bool or integer"):
+        peftops.prefix_attention(**a, key_padding_mask=torch.ones(2, 5))
+
+
 def test_tf32_follows_matmul_precision():
     torch.set_float32_matmul_precision("high")
     run_parity(pa_args(1, 2, 1, 19, 10, 32, gate=2), torch.float32, True, bound=TF32_BOUND)
@@ -307,12 +330,14 @@ def test_custom_ops_opcheck():
 
     a = {n: t.float() for n, t in pa_args(2, 4, 2, 9, 5, 16, gate=2).items()}
     g = a["prefix_gate"].contiguous()
-    args = (a["q"], a["k"], a["v"], a["prefix_k"], a["prefix_v"], g, True, 0.25)
-    torch.library.opcheck(pa.prefix_attention_fwd, args)
-    o, lse = pa.prefix_attention_fwd(*args)
-    do = torch.randn_like(o)
-    torch.library.opcheck(pa.prefix_attention_bwd, (do, a["q"], a["k"], a["v"], a["prefix_k"], a["prefix_v"], g, o,
-                                                    lse, True, 0.25))
+    mask = (torch.rand(2, 9) > 0.3).to(torch.int8)
+    for m in (None, mask):
+        args = (a["q"], a["k"], a["v"], a["prefix_k"], a["prefix_v"], g, m, True, 0.25)
+        torch.library.opcheck(pa.prefix_attention_fwd, args)
+        o, lse = pa.prefix_attention_fwd(*args)
+        do = torch.randn_like(o)
+        torch.library.opcheck(pa.prefix_attention_bwd, (do, a["q"], a["k"], a["v"], a["prefix_k"], a["prefix_v"], g,
+                                                        m, o, lse, True, 0.25))
 
 
 def test_torch_compile_traces_the_op():

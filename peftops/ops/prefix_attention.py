@@ -34,6 +34,7 @@ def prefix_attention(
     prefix_gate: torch.Tensor | None = None,
     is_causal: bool = False,
     scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``softmax([q (gk Pk)^T ; q k^T] * scale) [gv Pv ; v]`` without concatenating the prefix.
 
@@ -42,9 +43,12 @@ def prefix_attention(
     ``[Hkv, L, D]`` shared by the batch or ``[B, Hkv, L, D]``, L >= 1; prefix_gate None,
     ``[B, 2]`` (key gate gk = gate[:, 0], value gate gv = gate[:, 1]) or ``[B, 1]`` (one gate
     for both). ``is_causal`` masks inside the sequence only: query i sees the whole prefix
-    and keys 0..i. ``scale`` defaults to 1 / sqrt(D). Returns ``[B, Hq, T, D]`` in q's dtype.
+    and keys 0..i. ``scale`` defaults to 1 / sqrt(D). ``key_padding_mask`` None or ``[B, T]``
+    bool / integer, nonzero = attend (HF's ``attention_mask`` convention): hides padded
+    sequence keys from every query (the prefix stays visible). Returns ``[B, Hq, T, D]`` in q's dtype.
     """
     scale = _check(q, k, v, prefix_k, prefix_v, prefix_gate, is_causal, scale)
+    _check_mask(key_padding_mask, q)
     unsupported = None
     if q.dtype == torch.float64:
         unsupported = "float64"
@@ -52,8 +56,9 @@ def prefix_attention(
         unsupported = f"head_dim>{_MAX_HEAD_DIM}"
     if not use_triton("prefix_attention", q, k, v, prefix_k, prefix_v, prefix_gate, unsupported=unsupported):
         return reference.prefix_attention(q, k, v, prefix_k, prefix_v, prefix_gate=prefix_gate,
-                                          is_causal=is_causal, scale=scale)
-    return _PrefixAttentionFn.apply(q, k, v, prefix_k, prefix_v, prefix_gate, bool(is_causal), scale)
+                                          is_causal=is_causal, scale=scale, key_padding_mask=key_padding_mask)
+    mask = None if key_padding_mask is None else (key_padding_mask != 0).to(torch.int8).contiguous()
+    return _PrefixAttentionFn.apply(q, k, v, prefix_k, prefix_v, prefix_gate, bool(is_causal), scale, mask)
 
 
 def _check(q, k, v, prefix_k, prefix_v, gate, is_causal, scale):
@@ -94,6 +99,19 @@ def _check(q, k, v, prefix_k, prefix_v, gate, is_causal, scale):
     return _checks.finite_scalar("scale", scale)
 
 
+def _check_mask(mask, q):
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"key_padding_mask must be a tensor, got {type(mask).__name__}")
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(f"key_padding_mask must be bool or integer (nonzero = attend), got dtype {mask.dtype}")
+    B, _, T, _ = q.shape
+    if tuple(mask.shape) != (B, T):
+        raise ValueError(f"key_padding_mask has shape {tuple(mask.shape)}, expected [B, T] = [{B}, {T}] for q {tuple(q.shape)}")
+    _checks.same_device("q", q, key_padding_mask=mask)
+
+
 def _gate_pairs(gate, B, device):
     """The gate as fp32 ``[B, 2]`` (gk, gv) rows; ones without a gate."""
     if gate is None:
@@ -103,10 +121,10 @@ def _gate_pairs(gate, B, device):
 
 class _PrefixAttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, gate, is_causal, scale):
+    def forward(ctx, q, k, v, prefix_k, prefix_v, gate, is_causal, scale, mask):
         g = _gate_pairs(gate, q.shape[0], q.device)
-        o, lse = prefix_attention_fwd(q, k, v, prefix_k, prefix_v, g, is_causal, scale)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, g, o, lse)
+        o, lse = prefix_attention_fwd(q, k, v, prefix_k, prefix_v, g, mask, is_causal, scale)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, g, o, lse, mask)
         ctx.is_causal, ctx.scale = is_causal, scale
         ctx.gate_shape = None if gate is None else gate.shape
         ctx.gate_dtype = None if gate is None else gate.dtype
@@ -114,8 +132,8 @@ class _PrefixAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, prefix_k, prefix_v, g, o, lse = ctx.saved_tensors
-        dq, dk, dv, dpk, dpv, dg = prefix_attention_bwd(do, q, k, v, prefix_k, prefix_v, g, o, lse,
+        q, k, v, prefix_k, prefix_v, g, o, lse, mask = ctx.saved_tensors
+        dq, dk, dv, dpk, dpv, dg = prefix_attention_bwd(do, q, k, v, prefix_k, prefix_v, g, mask, o, lse,
                                                         ctx.is_causal, ctx.scale)
         need = ctx.needs_input_grad
         dgate = None
@@ -123,7 +141,7 @@ class _PrefixAttentionFn(torch.autograd.Function):
             dgate = dg if ctx.gate_shape[1] == 2 else dg.sum(1, keepdim=True)  # [B, 1]: d g = d gk + d gv
             dgate = dgate.to(ctx.gate_dtype)
         return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
-                dpk if need[3] else None, dpv if need[4] else None, dgate, None, None)
+                dpk if need[3] else None, dpv if need[4] else None, dgate, None, None, None)
 
 
 # ------------------------------------------------------------------------ launchers
@@ -139,10 +157,11 @@ def _interpret(t):
 @torch.library.custom_op("peftops::prefix_attention_fwd", mutates_args=())
 def prefix_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
-    gate: torch.Tensor, is_causal: bool, scale: float,
+    gate: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused forward: (O [B, Hq, T, D] in q's dtype, lse2 [B, Hq, T] fp32, base-2 logsumexp of
-    the scores times log2(e)). ``gate`` is fp32 [B, 2] (ones without a gate)."""
+    the scores times log2(e)). ``gate`` is fp32 [B, 2] (ones without a gate); ``mask`` None or
+    int8 [B, T] contiguous (nonzero = attend)."""
     B, Hq, T, D = q.shape
     Hkv, L = k.shape[1], prefix_k.shape[-2]
     o = empty((B, Hq, T, D), q.dtype, q.device)
@@ -154,11 +173,11 @@ def prefix_attention_fwd(
     grid = (-(-T // cfg["BLOCK_M"]), B * Hq)
     # s2 = (q . key) * scale * log2(e) (* gk for the prefix); O = sum 2^(s2 - m) value / sum 2^(s2 - m)
     kk.prefix_attn_fwd_kernel[grid](
-        q, k, v, prefix_k, prefix_v, gate, o, lse,
-        T, L, D, Hq, Hq // Hkv,
+        q, k, v, prefix_k, prefix_v, gate, mask if mask is not None else gate, o, lse,
+        T, L, D, Hq, Hq // Hkv, T,
         *q.stride(), *k.stride(), *v.stride(), *_strides4(prefix_k), *_strides4(prefix_v), *o.stride(),
         scale * _LOG2E,
-        CAUSAL=is_causal, UPCAST=upcast_dots(q.dtype), PRECISION=dot_precision(q.dtype),
+        CAUSAL=is_causal, HAS_MASK=mask is not None, UPCAST=upcast_dots(q.dtype), PRECISION=dot_precision(q.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=next_pow2(D),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -167,14 +186,14 @@ def prefix_attention_fwd(
 
 
 @prefix_attention_fwd.register_fake
-def _(q, k, v, prefix_k, prefix_v, gate, is_causal, scale):
+def _(q, k, v, prefix_k, prefix_v, gate, mask, is_causal, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("peftops::prefix_attention_bwd", mutates_args=())
 def prefix_attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
-    prefix_v: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    prefix_v: torch.Tensor, gate: torch.Tensor, mask: torch.Tensor | None, o: torch.Tensor, lse: torch.Tensor,
     is_causal: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused backward: (dq, dk, dv, dprefix_k, dprefix_v, dgate [B, 2] fp32)."""
@@ -185,7 +204,9 @@ def prefix_attention_bwd(
                 torch.zeros_like(prefix_v), gate.new_zeros((B, 2)))
     kk = kernels("prefix_attention")
     interp = _interpret(q)
-    common = dict(UPCAST=upcast_dots(q.dtype), PRECISION=dot_precision(q.dtype), BLOCK_D=next_pow2(D))
+    common = dict(UPCAST=upcast_dots(q.dtype), PRECISION=dot_precision(q.dtype), BLOCK_D=next_pow2(D),
+                  HAS_MASK=mask is not None)
+    mask_arg = mask if mask is not None else gate
 
     # delta_i = rowsum(dO_i * O_i)   (= sum_j P_ij dP_ij, the softmax Jacobian's row term)
     delta = empty((B, Hq, T), torch.float32, q.device)
@@ -200,8 +221,8 @@ def prefix_attention_bwd(
     # dQ = scale * (gk * dS_pre Pk + dS_seq K),  dS = P * (dO [gv Pv; V]^T - delta)
     dq = empty(q.shape, q.dtype, q.device)
     kk.prefix_attn_bwd_dq_kernel[(-(-T // cfg["BLOCK_M"]), B * Hq)](
-        q, k, v, prefix_k, prefix_v, gate, do, lse, delta, dq,
-        T, L, D, Hq, Hq // Hkv,
+        q, k, v, prefix_k, prefix_v, gate, mask_arg, do, lse, delta, dq,
+        T, L, D, Hq, Hq // Hkv, T,
         *q.stride(), *k.stride(), *v.stride(), *_strides4(prefix_k), *_strides4(prefix_v),
         *do.stride(), *dq.stride(),
         scale, scale * _LOG2E, CAUSAL=is_causal, **common, **blocks,
@@ -216,8 +237,8 @@ def prefix_attention_bwd(
     dpv_eff = empty((B, Hkv, L, D), torch.float32, q.device)
     n_blocks = -(-L // cfg["BLOCK_N"]) + -(-T // cfg["BLOCK_N"])
     kk.prefix_attn_bwd_dkdv_kernel[(n_blocks, B * Hkv)](
-        q, k, v, prefix_k, prefix_v, gate, do, lse, delta, dk, dv, dpk_eff, dpv_eff,
-        T, L, D, Hq, Hkv, Hq // Hkv,
+        q, k, v, prefix_k, prefix_v, gate, mask_arg, do, lse, delta, dk, dv, dpk_eff, dpv_eff,
+        T, L, D, Hq, Hkv, Hq // Hkv, T,
         *q.stride(), *k.stride(), *v.stride(), *_strides4(prefix_k), *_strides4(prefix_v),
         *do.stride(), *dk.stride(), *dv.stride(),
         scale, scale * _LOG2E, CAUSAL=is_causal, **common, **blocks,
@@ -240,6 +261,6 @@ def prefix_attention_bwd(
 
 
 @prefix_attention_bwd.register_fake
-def _(do, q, k, v, prefix_k, prefix_v, gate, o, lse, is_causal, scale):
+def _(do, q, k, v, prefix_k, prefix_v, gate, mask, o, lse, is_causal, scale):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), prefix_k.new_empty(prefix_k.shape),
             prefix_v.new_empty(prefix_v.shape), gate.new_empty((q.shape[0], 2)))
