@@ -128,11 +128,11 @@ class GatedPrefix(nn.Module):
             raise ValueError(f"hidden_states must be [B, T, hidden], got shape {tuple(hidden_states.shape)}")
         return reference.unipelt_gate(hidden_states, self.gate.weight, self.gate.bias, "sequence")[:, 0, :]
 
-    def forward(self, q, k, v, hidden_states, *, is_causal: bool = False, prefix=None):
-        g = self.compute_gate(hidden_states)
+    def forward(self, q, k, v, hidden_states, *, is_causal: bool = False, prefix=None, key_padding_mask=None):
+        g = self.compute_gate(hidden_states)  # AdapterHub: a plain mean over the sequence (padding included)
         self.last_gate = g.detach()
         pk, pv = self.prefix()[0] if prefix is None else prefix
-        return prefix_attention(q, k, v, pk, pv, prefix_gate=g, is_causal=is_causal)
+        return prefix_attention(q, k, v, pk, pv, prefix_gate=g, is_causal=is_causal, key_padding_mask=key_padding_mask)
 
 
 @dataclasses.dataclass
@@ -172,8 +172,9 @@ class UniPELTLayer(nn.Module):
         self.adapter = GatedBottleneckAdapter(hidden_size, config.reduction_factor, gate_mode=config.gate_mode,
                                               non_linearity=config.adapter_non_linearity, device=w.device, dtype=w.dtype)
 
-    def attention(self, q, k, v, hidden_states, *, is_causal: bool = False, prefix=None):
-        return self.prefix(q, k, v, hidden_states, is_causal=is_causal, prefix=prefix)
+    def attention(self, q, k, v, hidden_states, *, is_causal: bool = False, prefix=None, key_padding_mask=None):
+        return self.prefix(q, k, v, hidden_states, is_causal=is_causal, prefix=prefix,
+                           key_padding_mask=key_padding_mask)
 
     def last_gates(self) -> dict[str, torch.Tensor | None]:
         return {"lora_q": self.q_proj.last_gate, "lora_v": self.v_proj.last_gate,
