@@ -4,8 +4,12 @@
 
 Q [B, Hq, T, D]; K, V [B, Hkv, T, D] (grouped-query: q head h reads kv head h // GROUP);
 Pk, Pv [Hkv, L, D] shared by the batch (batch stride 0) or [B, Hkv, L, D]; gk, gv the
-prefix key / value gates per sample (1 without a gate). Causal masking applies inside the
-sequence only: query i sees prefix 0..L-1 and keys 0..i.
+prefix key / value gates, per sample or per query row (an fp32 [B, T or 1, 2] table, row
+stride 0 for a per-sample gate; ones without a gate): row i's prefix scores are
+scale * gk_i (q_i . Pk_p) and its prefix values gv_i Pv_p. Causal masking applies inside
+the sequence only: query i sees prefix 0..L-1 and keys 0..i. An optional key padding mask
+[B, T] (nonzero = attend) hides padded sequence keys; the prefix is always visible, so no
+row is ever empty.
 
 The prefix is never concatenated: each program first loops over prefix blocks (reading
 the shared prefix tile, no per-sample copy), then over sequence blocks, with one online
@@ -14,18 +18,18 @@ kernels use exp2; ``lse`` is saved per row in that base-2 domain: lse2 = log2(su
 
 Backward (flash-attention-2), with S the natural-domain scores and P = softmax(S):
     delta_i = rowsum(dO_i * O_i)                                   (preprocess kernel)
-    dP      = dO [gv Pv ; V]^T
+    dP_ip   = gv_i dO_i . Pv_p (prefix),   dO_i . V_j (sequence)
     dS      = P * (dP - delta)
-    dQ      = scale * (gk * dS_pre Pk + dS_seq K)                  (dq kernel, per query block)
-    dK      = scale * dS_seq^T Q,   dV = P_seq^T dO                (dkdv kernel, per key block)
-    dPk_eff = scale * dS_pre^T Q,   dPv_eff = P_pre^T dO           gradients w.r.t. the
-                                                                   *effective* prefix gk Pk, gv Pv
+    dQ_i    = scale * (gk_i sum_p dS_ip Pk_p + sum_j dS_ij K_j)    (dq kernel, per query block)
+    d gk_i  = scale * sum_p dS_ip (q_i . Pk_p)                      (dq kernel: row sums, per
+    d gv_i  = sum_p P_ip (dO_i . Pv_p)                               q head, summed on the host)
+    dK      = scale * dS_seq^T Q,      dV = P_seq^T dO              (dkdv kernel, per key block)
+    dPk     = scale * (gk dS_pre)^T Q, dPv = P_pre^T (gv dO)
 dK/dV programs own one key block of one (batch, kv head) and loop over the GROUP query
 heads that read it, so no atomics. Prefix blocks are extra programs of the same kernel; they
-write fp32 partials dPk_eff, dPv_eff per (batch, kv head) that the host reduces in a fixed
-order (over the batch when the prefix is shared) and turns into
-    dPk = gk dPk_eff,  dPv = gv dPv_eff,
-    d gk = <dPk_eff, Pk>,  d gv = <dPv_eff, Pv>     (chain rule through Pk_eff = gk Pk).
+write fp32 partials dPk, dPv per (batch, kv head), reduced on the host in a fixed order (over
+the batch when the prefix is shared); the gate gradients per (batch, q head, row) are reduced
+there too (over heads, and over rows for a per-sample gate).
 """
 import triton
 import triton.language as tl
@@ -34,7 +38,7 @@ import triton.language as tl
 @triton.jit
 def prefix_attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, gate_ptr, mask_ptr, o_ptr, lse_ptr,
-    T, L, D, HQ, GROUP, smb,
+    T, L, D, HQ, GROUP, smb, sgb, sgt,
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
@@ -60,8 +64,10 @@ def prefix_attn_fwd_kernel(
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    gk = tl.load(gate_ptr + 2 * b).to(tl.float32)
-    gv = tl.load(gate_ptr + 2 * b + 1).to(tl.float32)
+    # per-query-row gates (a per-sample gate has row stride sgt = 0)
+    g_rows = gate_ptr + b * sgb + rm64 * sgt
+    gk = tl.load(g_rows, mask=m_ok, other=1.0)
+    gv = tl.load(g_rows + 1, mask=m_ok, other=1.0)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -70,7 +76,7 @@ def prefix_attn_fwd_kernel(
     # 1) the prefix: keys gk * Pk, values gv * Pv, no causal mask.
     pk_base = pk_ptr + b * spkb + hk * spkh
     pv_base = pv_ptr + b * spvb + hk * spvh
-    pre_scale = qk_scale2 * gk
+    pre_scale = (qk_scale2 * gk)[:, None]
     for start in range(0, L, BLOCK_N):
         rn = start + tl.arange(0, BLOCK_N)
         n_ok = rn < L
@@ -87,7 +93,7 @@ def prefix_attn_fwd_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION) * gv
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION) * gv[:, None]
         m_i = m_new
 
     # 2) the sequence (causal: only key blocks that start at or before this query block ends).
@@ -151,8 +157,8 @@ def prefix_attn_bwd_preprocess_kernel(
 
 @triton.jit
 def prefix_attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, gate_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    T, L, D, HQ, GROUP, smb,
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, gate_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dg_ptr,
+    T, L, D, HQ, GROUP, smb, sgb, sgt,
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
@@ -183,13 +189,16 @@ def prefix_attn_bwd_dq_kernel(
         do = do.to(tl.float32)
     lse2 = tl.load(lse_ptr + pid_bh.to(tl.int64) * T + rm64, mask=m_ok, other=0.0)
     delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * T + rm64, mask=m_ok, other=0.0)
-    gk = tl.load(gate_ptr + 2 * b).to(tl.float32)
-    gv = tl.load(gate_ptr + 2 * b + 1).to(tl.float32)
+    g_rows = gate_ptr + b * sgb + rm64 * sgt
+    gk = tl.load(g_rows, mask=m_ok, other=1.0)
+    gv = tl.load(g_rows + 1, mask=m_ok, other=1.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    dgk = tl.zeros((BLOCK_M,), tl.float32)
+    dgv = tl.zeros((BLOCK_M,), tl.float32)
 
     pk_base = pk_ptr + b * spkb + hk * spkh
     pv_base = pv_ptr + b * spvb + hk * spvh
-    pre_scale = qk_scale2 * gk
+    pre_scale = (qk_scale2 * gk)[:, None]
     for start in range(0, L, BLOCK_N):
         rn = start + tl.arange(0, BLOCK_N)
         n_ok = rn < L
@@ -200,11 +209,14 @@ def prefix_attn_bwd_dq_kernel(
         if UPCAST:
             kt = kt.to(tl.float32)
             vt = vt.to(tl.float32)
-        p = tl.exp2(tl.dot(q, kt, input_precision=PRECISION) * pre_scale - lse2[:, None])
+        qk = tl.dot(q, kt, input_precision=PRECISION)                         # q Pk^T (ungated, unscaled)
+        p = tl.exp2(qk * pre_scale - lse2[:, None])
         p = tl.where(n_ok[None, :], p, 0.0)
-        dp = tl.dot(do, vt, input_precision=PRECISION) * gv                   # dO (gv Pv)^T
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION) * gk
+        dpv = tl.dot(do, vt, input_precision=PRECISION)                       # dO Pv^T
+        ds = p * (dpv * gv[:, None] - delta[:, None])                         # dP = gv dO Pv^T
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION) * gk[:, None]
+        dgk += tl.sum(ds * qk, 1)                                             # d gk_i = scale sum_p dS (q Pk)
+        dgv += tl.sum(p * dpv, 1)                                             # d gv_i = sum_p P (dO Pv)
 
     k_base = k_ptr + b * skb + hk * skh
     v_base = v_ptr + b * svb + hk * svh
@@ -236,19 +248,25 @@ def prefix_attn_bwd_dq_kernel(
     dq = dq * sm_scale
     tl.store(dq_ptr + b * sdqb + hq * sdqh + rm64[:, None] * sdqt + rd[None, :] * sdqd,
              dq.to(dq_ptr.dtype.element_ty), mask=md)
+    # gate gradient partials per (b, q head, row): dg [B, HQ, T, 2] fp32, summed on the host
+    dg_rows = dg_ptr + (pid_bh.to(tl.int64) * T + rm64) * 2
+    tl.store(dg_rows, dgk * sm_scale, mask=m_ok)
+    tl.store(dg_rows + 1, dgv, mask=m_ok)
 
 
 @triton.jit
 def _kv_block_bwd(
-    q_ptr, do_ptr, lse_ptr, delta_ptr, k, v, rn, n_ok, b, hk, T, HQ, GROUP, D,
-    sqb, sqh, sqt, sqd, sdob, sdoh, sdot, sdod,
-    s_scale2, v_scale, lo,
-    CAUSAL_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    q_ptr, do_ptr, lse_ptr, delta_ptr, gate_ptr, k, v, rn, n_ok, b, hk, T, HQ, GROUP, D,
+    sqb, sqh, sqt, sqd, sdob, sdoh, sdot, sdod, sgb, sgt,
+    s_scale2, lo,
+    CAUSAL_MASK: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """For one key block (k, v [N, D], effective key scale s_scale2 in the log2 domain,
-    value scale v_scale) sum over the GROUP query heads and the query blocks from ``lo``:
-        dv_acc = P^T dO,   dk_acc = dS^T Q   (transposed scores: no transpose of P)."""
+    """For one key block (k, v [N, D], key scale s_scale2 in the log2 domain) sum over the
+    GROUP query heads and the query blocks from ``lo`` (transposed scores: no transpose of P):
+        dv_acc = P^T dO,              dk_acc = dS^T Q                  (sequence keys)
+        dv_acc = P^T (gv * dO),       dk_acc = (dS * gk)^T Q           (GATED: prefix keys, with
+                                       per-query-row gates gk, gv; S = s_scale2 gk (q . k))"""
     rd = tl.arange(0, BLOCK_D)
     d_ok = rd < D
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -269,14 +287,24 @@ def _kv_block_bwd(
             lse2 = tl.load(lse_ptr + row + rm64, mask=m_ok, other=0.0)
             delta = tl.load(delta_ptr + row + rm64, mask=m_ok, other=0.0)
             st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * s_scale2       # S^T [N, M]
+            if GATED:
+                g_rows = gate_ptr + b * sgb + rm64 * sgt
+                gk = tl.load(g_rows, mask=m_ok, other=1.0)
+                gv = tl.load(g_rows + 1, mask=m_ok, other=1.0)
+                st = st * gk[None, :]
             valid = n_ok[:, None] & m_ok[None, :]
             if CAUSAL_MASK:
                 valid = valid & (rm[None, :] >= rn[:, None])
             pt = tl.where(valid, tl.exp2(st - lse2[None, :]), 0.0)                 # P^T
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)            # P^T dO
-            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION) * v_scale      # dP^T
-            dst = pt * (dpt - delta[None, :])                                       # dS^T
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)             # dS^T Q
+            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)                # (dO V^T)^T
+            if GATED:
+                dv += tl.dot((pt * gv[None, :]).to(do.dtype), do, input_precision=PRECISION)  # P^T (gv dO)
+                dst = pt * (dpt * gv[None, :] - delta[None, :])                     # dS^T
+                dk += tl.dot((dst * gk[None, :]).to(q.dtype), q, input_precision=PRECISION)   # (gk dS)^T Q
+            else:
+                dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)        # P^T dO
+                dst = pt * (dpt - delta[None, :])                                   # dS^T
+                dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)         # dS^T Q
     return dk, dv
 
 
@@ -284,7 +312,7 @@ def _kv_block_bwd(
 def prefix_attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, gate_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr,
     dk_ptr, dv_ptr, dpk_ptr, dpv_ptr,
-    T, L, D, HQ, HKV, GROUP, smb,
+    T, L, D, HQ, HKV, GROUP, smb, sgb, sgt,
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
@@ -298,7 +326,7 @@ def prefix_attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Programs 0 .. cdiv(L, BLOCK_N)-1 of axis 0: prefix blocks -> fp32 partials
-    dPk_eff = scale dS^T Q, dPv_eff = P^T dO, [B, HKV, L, D] contiguous.
+    dPk = scale (gk dS)^T Q, dPv = P^T (gv dO), [B, HKV, L, D] contiguous.
     The rest: sequence key blocks -> dK = scale dS^T Q, dV = P^T dO."""
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
@@ -316,13 +344,11 @@ def prefix_attn_bwd_dkdv_kernel(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        gk = tl.load(gate_ptr + 2 * b).to(tl.float32)
-        gv = tl.load(gate_ptr + 2 * b + 1).to(tl.float32)
         dk, dv = _kv_block_bwd(
-            q_ptr, do_ptr, lse_ptr, delta_ptr, k, v, rn, n_ok, b, hk, T, HQ, GROUP, D,
-            sqb, sqh, sqt, sqd, sdob, sdoh, sdot, sdod,
-            qk_scale2 * gk, gv, 0,
-            False, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+            q_ptr, do_ptr, lse_ptr, delta_ptr, gate_ptr, k, v, rn, n_ok, b, hk, T, HQ, GROUP, D,
+            sqb, sqh, sqt, sqd, sdob, sdoh, sdot, sdod, sgb, sgt,
+            qk_scale2, 0,
+            False, True, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         base = (pid_bk.to(tl.int64) * L + rn[:, None].to(tl.int64)) * D + rd[None, :]
         tl.store(dpk_ptr + base, dk * sm_scale, mask=nd)
         tl.store(dpv_ptr + base, dv, mask=nd)
@@ -344,10 +370,10 @@ def prefix_attn_bwd_dkdv_kernel(
         if HAS_MASK:  # padded keys: P = 0 in every row, so dK = dV = 0 there
             n_live = n_ok & (tl.load(mask_ptr + b * smb + rn64, mask=n_ok, other=0) != 0)
         dk, dv = _kv_block_bwd(
-            q_ptr, do_ptr, lse_ptr, delta_ptr, k, v, rn, n_live, b, hk, T, HQ, GROUP, D,
-            sqb, sqh, sqt, sqd, sdob, sdoh, sdot, sdod,
-            qk_scale2, 1.0, lo,
-            CAUSAL, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+            q_ptr, do_ptr, lse_ptr, delta_ptr, gate_ptr, k, v, rn, n_live, b, hk, T, HQ, GROUP, D,
+            sqb, sqh, sqt, sqd, sdob, sdoh, sdot, sdod, sgb, sgt,
+            qk_scale2, lo,
+            CAUSAL, False, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         dk = dk * sm_scale
         tl.store(dk_ptr + b * sdkb + hk * sdkh + rn64[:, None] * sdkt + rd[None, :] * sdkd,
                  dk.to(dk_ptr.dtype.element_ty), mask=nd)

@@ -162,7 +162,8 @@ def prefix_attention(
 
     q ``[B, Hq, T, D]``; k, v ``[B, Hkv, T, D]`` (q head h reads kv head h // (Hq / Hkv));
     prefix_k / prefix_v ``[Hkv, L, D]`` (shared) or ``[B, Hkv, L, D]``; prefix_gate None,
-    ``[B, 2]`` or ``[B, 1]``: gk = gate[:, 0], gv = gate[:, -1] (UniPELT's g_P[0], g_P[-1]).
+    ``[B, 2]`` or ``[B, 1]``: gk = gate[:, 0], gv = gate[:, -1] (UniPELT's g_P[0], g_P[-1]),
+    or per query row ``[B, T, 2]`` / ``[B, T, 1]`` (row i: scores q_i (gk_i Pk)^T, values gv_i Pv).
     Causal masking inside the sequence only: query i sees the whole prefix and keys 0..i.
     key_padding_mask ``[B, T]`` (nonzero = attend) hides padded sequence keys; the mask over
     the concatenated keys gets L ones in front (the prefix is always visible).
@@ -172,12 +173,15 @@ def prefix_attention(
     scale = 1.0 / D ** 0.5 if scale is None else scale
     pk = prefix_k.expand(B, Hkv, L, D)
     pv = prefix_v.expand(B, Hkv, L, D)
-    if prefix_gate is not None:
-        pk = pk * prefix_gate[:, 0].view(B, 1, 1, 1).to(pk.dtype)
-        pv = pv * prefix_gate[:, -1].view(B, 1, 1, 1).to(pv.dtype)
     keys = torch.cat([pk, k], dim=2).repeat_interleave(Hq // Hkv, dim=1)
     values = torch.cat([pv, v], dim=2).repeat_interleave(Hq // Hkv, dim=1)
     scores = (q @ keys.transpose(-1, -2)) * scale
+    gv = None
+    if prefix_gate is not None:  # [B, 2 | 1] per sample or [B, T, 2 | 1] per query row
+        g = prefix_gate.to(q.dtype)
+        g = g[:, None, :] if g.dim() == 2 else g                       # [B, T or 1, 2 | 1]
+        gk, gv = g[..., 0][:, None, :, None], g[..., -1][:, None, :, None]  # [B, 1, T or 1, 1]
+        scores = torch.cat([scores[..., :L] * gk, scores[..., L:]], -1)  # q (gk Pk)^T
     if is_causal:
         col = torch.arange(L + T, device=q.device)
         row = torch.arange(T, device=q.device)
@@ -186,7 +190,10 @@ def prefix_attention(
     if key_padding_mask is not None:
         keep = torch.cat([torch.ones(B, L, dtype=torch.bool, device=q.device), key_padding_mask != 0], 1)
         scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
-    return torch.softmax(scores.float() if q.dtype in (torch.float16, torch.bfloat16) else scores, dim=-1).to(q.dtype) @ values
+    p = torch.softmax(scores.float() if q.dtype in (torch.float16, torch.bfloat16) else scores, dim=-1).to(q.dtype)
+    if gv is None:
+        return p @ values
+    return (p[..., :L] @ values[:, :, :L]) * gv + p[..., L:] @ values[:, :, L:]  # [gv Pv ; V]
 
 
 # --------------------------------------------------------------------------- UniPELT

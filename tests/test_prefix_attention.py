@@ -17,7 +17,7 @@ from parity import BOUNDS, DEVICE, DTYPES, TF32_BOUND, assert_close, check_parit
 GRADS = ["q", "k", "v", "prefix_k", "prefix_v"]
 
 
-def pa_args(B, Hq, Hkv, T, L, D, *, shared=True, gate=None, noncontig=False):
+def pa_args(B, Hq, Hkv, T, L, D, *, shared=True, gate=None, noncontig=False, row_gate=False):
     """float64 masters; gate values in (0.2, 1.2) (never zero, so no term is hidden)."""
     pre = (Hkv, L, D) if shared else (B, Hkv, L, D)
     args = dict(
@@ -26,7 +26,8 @@ def pa_args(B, Hq, Hkv, T, L, D, *, shared=True, gate=None, noncontig=False):
         prefix_k=randn(*pre, noncontig=noncontig), prefix_v=randn(*pre, noncontig=noncontig),
     )
     if gate is not None:
-        args["prefix_gate"] = torch.rand(B, gate, dtype=torch.float64, device=DEVICE) + 0.2
+        shape = (B, T, gate) if row_gate else (B, gate)
+        args["prefix_gate"] = torch.rand(*shape, dtype=torch.float64, device=DEVICE) + 0.2
     return args
 
 
@@ -91,6 +92,17 @@ CASES = [  # B, Hq, Hkv, T, L, D, causal, shared, gate
 @pytest.mark.parametrize("B,Hq,Hkv,T,L,D,causal,shared,gate", CASES)
 def test_parity(B, Hq, Hkv, T, L, D, causal, shared, gate, dtype):
     run_parity(pa_args(B, Hq, Hkv, T, L, D, shared=shared, gate=gate), dtype, causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,Hq,Hkv,T,L,D,causal,shared,gate", [
+    (2, 4, 2, 19, 10, 16, True, True, 2),
+    (1, 4, 1, 37, 13, 24, False, False, 1),
+    (2, 2, 2, 1, 3, 16, True, True, 2),
+])
+def test_parity_per_row_gate(B, Hq, Hkv, T, L, D, causal, shared, gate, dtype):
+    """UniPELT's per-token prefix gate: [B, T, 2] / [B, T, 1], one (gk, gv) per query row."""
+    run_parity(pa_args(B, Hq, Hkv, T, L, D, shared=shared, gate=gate, row_gate=True), dtype, causal)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -255,7 +267,8 @@ def _bad(**over):
     (lambda: _bad(prefix_k=torch.randn(2, 0, 8), prefix_v=torch.randn(2, 0, 8)), ValueError, "L = 0"),
     (lambda: _bad(prefix_gate=torch.rand(2, 3)), ValueError, "prefix_gate has shape"),
     (lambda: _bad(prefix_gate=torch.rand(1, 2)), ValueError, "prefix_gate has shape"),
-    (lambda: _bad(prefix_gate=torch.rand(2)), ValueError, "prefix_gate must have 2 dims"),
+    (lambda: _bad(prefix_gate=torch.rand(2)), ValueError, "prefix_gate must have 2 or 3 dims"),
+    (lambda: _bad(prefix_gate=torch.rand(2, 4, 2)), ValueError, "prefix_gate has shape"),
     (lambda: _bad(k=torch.randn(2, 2, 5, 8, dtype=torch.float16)), TypeError, "k has dtype"),
     (lambda: _bad(q=torch.randint(0, 3, (2, 4, 5, 8))), TypeError, "q must be a floating-point"),
     (lambda: _bad(prefix_v=None), TypeError, "prefix_v must be a tensor"),
@@ -329,9 +342,8 @@ def test_custom_ops_opcheck():
     pa = importlib.import_module("peftops.ops.prefix_attention")  # the package exports a function of that name
 
     a = {n: t.float() for n, t in pa_args(2, 4, 2, 9, 5, 16, gate=2).items()}
-    g = a["prefix_gate"].contiguous()
     mask = (torch.rand(2, 9) > 0.3).to(torch.int8)
-    for m in (None, mask):
+    for m, g in ((None, a["prefix_gate"][:, None, :].contiguous()), (mask, torch.rand(2, 9, 2) + 0.2)):
         args = (a["q"], a["k"], a["v"], a["prefix_k"], a["prefix_v"], g, m, True, 0.25)
         torch.library.opcheck(pa.prefix_attention_fwd, args)
         o, lse = pa.prefix_attention_fwd(*args)

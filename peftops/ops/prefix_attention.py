@@ -41,7 +41,9 @@ def prefix_attention(
     q ``[B, Hq, T, D]``; k, v ``[B, Hkv, T, D]`` with Hkv dividing Hq (grouped-query
     attention: q head h reads kv head ``h // (Hq // Hkv)``); prefix_k, prefix_v
     ``[Hkv, L, D]`` shared by the batch or ``[B, Hkv, L, D]``, L >= 1; prefix_gate None,
-    ``[B, 2]`` (key gate gk = gate[:, 0], value gate gv = gate[:, 1]) or ``[B, 1]`` (one gate
+    per sample ``[B, 2]`` (key gate gk = gate[..., 0], value gate gv = gate[..., 1]) or
+    ``[B, 1]`` (one gate for both), or per query row ``[B, T, 2]`` / ``[B, T, 1]`` (row i's
+    prefix scores scaled by gk_i, its prefix values by gv_i; UniPELT's per-token gates) (one gate
     for both). ``is_causal`` masks inside the sequence only: query i sees the whole prefix
     and keys 0..i. ``scale`` defaults to 1 / sqrt(D). ``key_padding_mask`` None or ``[B, T]``
     bool / integer, nonzero = attend (HF's ``attention_mask`` convention): hides padded
@@ -88,10 +90,11 @@ def _check(q, k, v, prefix_k, prefix_v, gate, is_causal, scale):
     _checks.same_dtype("q", q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v)
     _checks.same_device("q", q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v)
     if gate is not None:
-        _checks.tensor("prefix_gate", gate, ndim=2)
+        _checks.tensor("prefix_gate", gate, ndim=(2, 3))
         _checks.same_device("q", q, prefix_gate=gate)
-        if gate.shape[0] != B or gate.shape[1] not in (1, 2):
-            raise ValueError(f"prefix_gate has shape {tuple(gate.shape)}, expected [{B}, 2] (key, value gates) or [{B}, 1]")
+        if gate.shape[0] != B or gate.shape[-1] not in (1, 2) or (gate.dim() == 3 and gate.shape[1] != T):
+            raise ValueError(f"prefix_gate has shape {tuple(gate.shape)}, expected [{B}, 2] (key, value gates), "
+                             f"[{B}, 1], or per query row [{B}, {T}, 2] / [{B}, {T}, 1]")
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     if scale is None:
@@ -112,17 +115,25 @@ def _check_mask(mask, q):
     _checks.same_device("q", q, key_padding_mask=mask)
 
 
-def _gate_pairs(gate, B, device):
-    """The gate as fp32 ``[B, 2]`` (gk, gv) rows; ones without a gate."""
+def _gate_table(gate, B, T, device):
+    """The gate as an fp32 ``[B, Tg, 2]`` (gk, gv) table, Tg = T for per-row gates, else 1
+    (the kernels read it with row stride 0); ones without a gate."""
     if gate is None:
-        return torch.ones((B, 2), dtype=torch.float32, device=device)
-    return gate.detach().float().expand(B, 2).contiguous()
+        return torch.ones((B, 1, 2), dtype=torch.float32, device=device)
+    g = gate.detach().float()
+    g = g.unsqueeze(1) if g.dim() == 2 else g
+    return g.expand(B, g.shape[1], 2).contiguous()
+
+
+def _gate_strides(table):
+    """(batch stride, row stride) of a ``_gate_table``."""
+    return table.shape[1] * 2, (2 if table.shape[1] > 1 else 0)
 
 
 class _PrefixAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, gate, is_causal, scale, mask):
-        g = _gate_pairs(gate, q.shape[0], q.device)
+        g = _gate_table(gate, q.shape[0], q.shape[2], q.device)
         o, lse = prefix_attention_fwd(q, k, v, prefix_k, prefix_v, g, mask, is_causal, scale)
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, g, o, lse, mask)
         ctx.is_causal, ctx.scale = is_causal, scale
@@ -138,7 +149,9 @@ class _PrefixAttentionFn(torch.autograd.Function):
         need = ctx.needs_input_grad
         dgate = None
         if need[5]:
-            dgate = dg if ctx.gate_shape[1] == 2 else dg.sum(1, keepdim=True)  # [B, 1]: d g = d gk + d gv
+            dgate = dg if len(ctx.gate_shape) == 3 else dg[:, 0]                # dg: [B, Tg, 2]
+            if ctx.gate_shape[-1] == 1:                                          # one gate: d g = d gk + d gv
+                dgate = dgate.sum(-1, keepdim=True)
             dgate = dgate.to(ctx.gate_dtype)
         return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
                 dpk if need[3] else None, dpv if need[4] else None, dgate, None, None, None)
@@ -160,7 +173,7 @@ def prefix_attention_fwd(
     gate: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused forward: (O [B, Hq, T, D] in q's dtype, lse2 [B, Hq, T] fp32, base-2 logsumexp of
-    the scores times log2(e)). ``gate`` is fp32 [B, 2] (ones without a gate); ``mask`` None or
+    the scores times log2(e)). ``gate`` an fp32 [B, Tg, 2] table (``_gate_table``); ``mask`` None or
     int8 [B, T] contiguous (nonzero = attend)."""
     B, Hq, T, D = q.shape
     Hkv, L = k.shape[1], prefix_k.shape[-2]
@@ -174,7 +187,7 @@ def prefix_attention_fwd(
     # s2 = (q . key) * scale * log2(e) (* gk for the prefix); O = sum 2^(s2 - m) value / sum 2^(s2 - m)
     kk.prefix_attn_fwd_kernel[grid](
         q, k, v, prefix_k, prefix_v, gate, mask if mask is not None else gate, o, lse,
-        T, L, D, Hq, Hq // Hkv, T,
+        T, L, D, Hq, Hq // Hkv, T, *_gate_strides(gate),
         *q.stride(), *k.stride(), *v.stride(), *_strides4(prefix_k), *_strides4(prefix_v), *o.stride(),
         scale * _LOG2E,
         CAUSAL=is_causal, HAS_MASK=mask is not None, UPCAST=upcast_dots(q.dtype), PRECISION=dot_precision(q.dtype),
@@ -196,12 +209,12 @@ def prefix_attention_bwd(
     prefix_v: torch.Tensor, gate: torch.Tensor, mask: torch.Tensor | None, o: torch.Tensor, lse: torch.Tensor,
     is_causal: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused backward: (dq, dk, dv, dprefix_k, dprefix_v, dgate [B, 2] fp32)."""
+    """Fused backward: (dq, dk, dv, dprefix_k, dprefix_v, dgate [B, Tg, 2] fp32 like the gate table)."""
     B, Hq, T, D = q.shape
     Hkv, L = k.shape[1], prefix_k.shape[-2]
     if T == 0 or B == 0:
         return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(prefix_k),
-                torch.zeros_like(prefix_v), gate.new_zeros((B, 2)))
+                torch.zeros_like(prefix_v), torch.zeros_like(gate))
     kk = kernels("prefix_attention")
     interp = _interpret(q)
     common = dict(UPCAST=upcast_dots(q.dtype), PRECISION=dot_precision(q.dtype), BLOCK_D=next_pow2(D),
@@ -218,11 +231,14 @@ def prefix_attention_bwd(
     cfg = kk.bwd_config(T, next_pow2(D), q.element_size(), interp)
     blocks = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
                   num_stages=cfg["num_stages"])
-    # dQ = scale * (gk * dS_pre Pk + dS_seq K),  dS = P * (dO [gv Pv; V]^T - delta)
+    # dQ_i = scale (gk_i sum_p dS_ip Pk_p + sum_j dS_ij K_j),  dS = P * (dP - delta),
+    # dP = [gv dO Pv^T ; dO V^T]; per row and q head: d gk_i = scale sum_p dS_ip (q_i . Pk_p),
+    # d gv_i = sum_p P_ip (dO_i . Pv_p)  -> dg [B, Hq, T, 2] fp32
     dq = empty(q.shape, q.dtype, q.device)
+    dg = empty((B, Hq, T, 2), torch.float32, q.device)
     kk.prefix_attn_bwd_dq_kernel[(-(-T // cfg["BLOCK_M"]), B * Hq)](
-        q, k, v, prefix_k, prefix_v, gate, mask_arg, do, lse, delta, dq,
-        T, L, D, Hq, Hq // Hkv, T,
+        q, k, v, prefix_k, prefix_v, gate, mask_arg, do, lse, delta, dq, dg,
+        T, L, D, Hq, Hq // Hkv, T, *_gate_strides(gate),
         *q.stride(), *k.stride(), *v.stride(), *_strides4(prefix_k), *_strides4(prefix_v),
         *do.stride(), *dq.stride(),
         scale, scale * _LOG2E, CAUSAL=is_causal, **common, **blocks,
@@ -230,31 +246,26 @@ def prefix_attention_bwd(
     record_launch("prefix_attn_bwd_dq")
 
     # dK = scale * dS_seq^T Q, dV = P_seq^T dO (summed over the group's q heads in-kernel);
-    # prefix programs: dPk_eff = scale * dS_pre^T Q, dPv_eff = P_pre^T dO per (b, kv head), fp32.
+    # prefix programs: dPk = scale (gk dS_pre)^T Q, dPv = P_pre^T (gv dO) per (b, kv head), fp32.
     dk = empty(k.shape, k.dtype, k.device)
     dv = empty(v.shape, v.dtype, v.device)
-    dpk_eff = empty((B, Hkv, L, D), torch.float32, q.device)
-    dpv_eff = empty((B, Hkv, L, D), torch.float32, q.device)
+    dpk = empty((B, Hkv, L, D), torch.float32, q.device)
+    dpv = empty((B, Hkv, L, D), torch.float32, q.device)
     n_blocks = -(-L // cfg["BLOCK_N"]) + -(-T // cfg["BLOCK_N"])
     kk.prefix_attn_bwd_dkdv_kernel[(n_blocks, B * Hkv)](
-        q, k, v, prefix_k, prefix_v, gate, mask_arg, do, lse, delta, dk, dv, dpk_eff, dpv_eff,
-        T, L, D, Hq, Hkv, Hq // Hkv, T,
+        q, k, v, prefix_k, prefix_v, gate, mask_arg, do, lse, delta, dk, dv, dpk, dpv,
+        T, L, D, Hq, Hkv, Hq // Hkv, T, *_gate_strides(gate),
         *q.stride(), *k.stride(), *v.stride(), *_strides4(prefix_k), *_strides4(prefix_v),
         *do.stride(), *dk.stride(), *dv.stride(),
         scale, scale * _LOG2E, CAUSAL=is_causal, **common, **blocks,
     )
     record_launch("prefix_attn_bwd_dkdv")
 
-    # Effective prefix Pk_eff[b] = gk[b] Pk, Pv_eff[b] = gv[b] Pv:
-    #   dPk = sum_b gk[b] dPk_eff[b] (shared) or gk[b] dPk_eff[b] (per sample), same for v;
-    #   d gk[b] = <dPk_eff[b], Pk>, d gv[b] = <dPv_eff[b], Pv>  (fp32, fixed reduction order).
-    gk = gate[:, 0].view(B, 1, 1, 1)
-    gv = gate[:, 1].view(B, 1, 1, 1)
-    pk32 = prefix_k.float().expand(B, Hkv, L, D)
-    pv32 = prefix_v.float().expand(B, Hkv, L, D)
-    dgate = torch.stack([(dpk_eff * pk32).sum((1, 2, 3)), (dpv_eff * pv32).sum((1, 2, 3))], 1)
-    dpk = dpk_eff * gk
-    dpv = dpv_eff * gv
+    # Fixed-order host reductions: the gate's over q heads (and rows for a per-sample gate),
+    # a shared prefix's over the batch.
+    dgate = dg.sum(1)                                                            # [B, T, 2]
+    if gate.shape[1] == 1:
+        dgate = dgate.sum(1, keepdim=True)                                       # [B, 1, 2]
     if prefix_k.dim() == 3:
         dpk, dpv = dpk.sum(0), dpv.sum(0)
     return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype), dgate
@@ -263,4 +274,4 @@ def prefix_attention_bwd(
 @prefix_attention_bwd.register_fake
 def _(do, q, k, v, prefix_k, prefix_v, gate, mask, o, lse, is_causal, scale):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), prefix_k.new_empty(prefix_k.shape),
-            prefix_v.new_empty(prefix_v.shape), gate.new_empty((q.shape[0], 2)))
+            prefix_v.new_empty(prefix_v.shape), gate.new_empty(gate.shape))
