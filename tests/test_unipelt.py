@@ -146,13 +146,15 @@ def test_gated_adapter_module(mode):
     assert c.get("launch.adapter_fwd") and c.get("launch.adapter_bwd_rows"), c
 
 
-def test_gated_prefix_module_gate_and_bad_input():
-    gp = GatedPrefix(32, 2, 8, 10, prefix_projection=False)
+@pytest.mark.parametrize("mode", ["sequence", "token"])
+def test_gated_prefix_module_gate_and_bad_input(mode):
+    gp = GatedPrefix(32, 2, 8, 10, prefix_projection=False, gate_mode=mode)
     x = torch.randn(2, 7, 32)
     q, k, v = torch.randn(2, 4, 7, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
     out = gp(q, k, v, x, is_causal=True)
-    expect_g = torch.sigmoid(x @ gp.gate.weight.t() + gp.gate.bias).mean(1)
-    assert gp.last_gate.shape == (2, 2)
+    expect_g = torch.sigmoid(x @ gp.gate.weight.t() + gp.gate.bias)
+    expect_g = expect_g.mean(1) if mode == "sequence" else expect_g
+    assert gp.last_gate.shape == ((2, 2) if mode == "sequence" else (2, 7, 2))
     assert_close("gate", gp.last_gate, expect_g, 1e-6)
     pk, pv = gp.prefix()[0]
     assert_close("out", out, reference.prefix_attention(q, k, v, pk, pv, prefix_gate=expect_g, is_causal=True), 1e-5)
@@ -230,14 +232,17 @@ def plain_unipelt_block(P, x, causal, mode):
     L = emb.shape[0]
     kv = table.view(L, 2, KV_HEADS, HEAD_DIM)
     pk, pv = kv[:, 0].transpose(0, 1), kv[:, 1].transpose(0, 1)                  # [Hkv, L, D]
-    gp = gate(x, "pelt.prefix.gate", True)[:, 0]                                 # [B, 2]
-    keys = torch.cat([gp[:, 0, None, None, None] * pk.expand(B, -1, -1, -1), k], 2).repeat_interleave(2, 1)
-    vals = torch.cat([gp[:, 1, None, None, None] * pv.expand(B, -1, -1, -1), v], 2).repeat_interleave(2, 1)
-    s = q @ keys.transpose(-1, -2) / HEAD_DIM ** 0.5
+    gp = gate(x, "pelt.prefix.gate", mode == "sequence")                         # [B, 1 or T, 2]
+    gk, gv = gp[:, None, :, 0, None], gp[:, None, :, 1, None]                    # [B, 1, 1 or T, 1]
+    pk4, pv4 = pk.repeat_interleave(2, 0), pv.repeat_interleave(2, 0)            # GQA: [Hq, L, D]
+    kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    sp = (q @ pk4.transpose(-1, -2)) * gk / HEAD_DIM ** 0.5                      # row i: q_i (g_i Pk)^T
+    ss = q @ kr.transpose(-1, -2) / HEAD_DIM ** 0.5
     if causal:
-        visible = torch.ones(T, L + T, dtype=torch.bool).tril(L)
-        s = s.masked_fill(~visible, float("-inf"))
-    a = torch.softmax(s, -1) @ vals
+        ss = ss.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    pr = torch.softmax(torch.cat([sp, ss], -1), -1)
+    a = (pr[..., :L] @ pv4) * gv + pr[..., L:] @ vr
+    gp = gp[:, 0] if mode == "sequence" else gp
     ln = lambda z, n: F.layer_norm(z, (HID,), P[n + ".weight"], P[n + ".bias"])  # noqa: E731
     x1 = ln(lin(a.transpose(1, 2).reshape(B, T, -1), "o_proj") + x, "ln1")
     h = lin(F.gelu(lin(x1, "up")), "down")
@@ -275,7 +280,8 @@ def eager_grads(blk64, x64, dy, causal, dtype):
 
 
 @pytest.mark.parametrize("mode,causal,dtype", [
-    ("sequence", True, torch.float32), ("token", False, torch.float32), ("sequence", False, torch.bfloat16),
+    ("sequence", True, torch.float32), ("token", False, torch.float32), ("token", True, torch.float32),
+    ("sequence", False, torch.bfloat16), ("token", True, torch.bfloat16),
 ], ids=str)
 def test_block_matches_plain_composition(mode, causal, dtype):
     blk64 = make_block(mode)
@@ -315,6 +321,7 @@ def test_block_matches_plain_composition(mode, causal, dtype):
     assert_close("prefix gate", gates["prefix"], gp, 1e-5 if dtype == torch.float32 else 1e-2)
     want = (2, 1, 1) if mode == "sequence" else (2, 13, 1)
     assert gates["lora_q"].shape == gates["lora_v"].shape == gates["adapter"].shape == want
+    assert gates["prefix"].shape == ((2, 2) if mode == "sequence" else (2, 13, 2))
     c = peftops.dispatch_counts()
     for kern in ("lora_skinny", "lora_gemm", "prefix_attn_fwd", "prefix_attn_bwd_dkdv", "adapter_fwd", "adapter_bwd_rows"):
         assert c.get(f"launch.{kern}"), (kern, c)

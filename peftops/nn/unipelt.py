@@ -4,8 +4,8 @@ adapter after the FFN, a gated prefix in attention.
 Each submodule has a gate g = sigmoid(z Wg^T + bg) computed from its own input z; with
 ``gate_mode="sequence"`` (AdapterHub's choice, the default) the sigmoid is averaged over the
 sequence (one gate per sample), with ``"token"`` each token has its own gate (the paper's
-text). The prefix gate is always per sample (``prefix_attention`` takes ``[B, 2]``): key
-gate g_P[0], value gate g_P[-1]. After a forward every gated module keeps its gate in
+text); the prefix gate has a key part g_P[0] and a value part g_P[-1] (``prefix_attention``
+takes them per sample ``[B, 2]`` or per query row ``[B, T, 2]``). After a forward every gated module keeps its gate in
 ``last_gate`` (detached).
 
 * ``GatedLoraLinear``: ``y = x W^T + b + g_L (x A^T) B^T`` (no alpha / r when gated), the
@@ -14,7 +14,7 @@ gate g_P[0], value gate g_P[-1]. After a forward every gated module keeps its ga
   g_A = sigmoid(z Wg^T + bg), z the adapter's input, through the fused adapter op's gate.
   (The adapter kernel has no extra output column, so the logit is one GEMV over z.)
 * ``GatedPrefix``: a prefix (``PrefixEncoder``, one layer) fed to ``prefix_attention`` with
-  the gate [g_P[0], g_P[-1]] from the attention input.
+  the gate [g_P[0], g_P[-1]] from the attention input (per sample, or per query token).
 * ``UniPELTConfig`` / ``UniPELTLayer``: the three gated submodules of one transformer layer
   with AdapterHub's defaults (LoRA r = 8, prefix length 10, reduction factor 16).
 """
@@ -109,13 +109,17 @@ class GatedBottleneckAdapter(BottleneckAdapter):
 class GatedPrefix(nn.Module):
     """One layer's prefix with UniPELT's gate: ``forward(q, k, v, hidden_states)`` =
     ``prefix_attention(q, k, v, Pk, Pv, prefix_gate=[g_P[0], g_P[-1]])`` with
-    g_P = mean_seq sigmoid(hidden_states Wg^T + bg) ``[B, 2]`` (``gate`` = Linear(hidden, 2)).
+    g_P = mean_seq sigmoid(hidden_states Wg^T + bg) ``[B, 2]`` ("sequence") or
+    sigmoid(hidden_states Wg^T + bg) ``[B, T, 2]`` ("token": query token i's prefix keys
+    scaled by g_P[i, 0], values by g_P[i, 1]); ``gate`` = Linear(hidden, 2).
     The prefix is its own ``PrefixEncoder`` (AdapterHub: reparameterised, hidden 512), or the
     ``prefix=(Pk, Pv)`` passed to forward (e.g. one layer of a model-wide encoder)."""
 
     def __init__(self, hidden_size: int, num_kv_heads: int, head_dim: int, prefix_length: int = 10, *,
-                 prefix_projection: bool = True, encoder_hidden_size: int = 512, device=None, dtype=None):
+                 prefix_projection: bool = True, encoder_hidden_size: int = 512, gate_mode: str = "sequence",
+                 device=None, dtype=None):
         super().__init__()
+        self.gate_mode = _check_mode(gate_mode)
         self.prefix = PrefixEncoder(1, num_kv_heads, head_dim, prefix_length, prefix_projection=prefix_projection,
                                     encoder_hidden_size=encoder_hidden_size, device=device, dtype=dtype)
         self.gate = nn.Linear(hidden_size, 2, device=device, dtype=dtype)
@@ -123,10 +127,12 @@ class GatedPrefix(nn.Module):
         self.last_gate: torch.Tensor | None = None
 
     def compute_gate(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``[B, 2]``: mean over the sequence of sigmoid(hidden_states Wg^T + bg)."""
+        """``[B, 2]`` (mean over the sequence) or ``[B, T, 2]`` (per token) of
+        sigmoid(hidden_states Wg^T + bg)."""
         if hidden_states.dim() != 3:
             raise ValueError(f"hidden_states must be [B, T, hidden], got shape {tuple(hidden_states.shape)}")
-        return reference.unipelt_gate(hidden_states, self.gate.weight, self.gate.bias, "sequence")[:, 0, :]
+        g = reference.unipelt_gate(hidden_states, self.gate.weight, self.gate.bias, self.gate_mode)
+        return g[:, 0, :] if self.gate_mode == "sequence" else g
 
     def forward(self, q, k, v, hidden_states, *, is_causal: bool = False, prefix=None, key_padding_mask=None):
         g = self.compute_gate(hidden_states)  # AdapterHub: a plain mean over the sequence (padding included)
@@ -168,7 +174,8 @@ class UniPELTLayer(nn.Module):
         w = q_proj.weight
         self.prefix = GatedPrefix(hidden_size, num_kv_heads, head_dim, config.prefix_length,
                                   prefix_projection=config.prefix_projection,
-                                  encoder_hidden_size=config.prefix_encoder_hidden_size, device=w.device, dtype=w.dtype)
+                                  encoder_hidden_size=config.prefix_encoder_hidden_size, gate_mode=config.gate_mode,
+                                  device=w.device, dtype=w.dtype)
         self.adapter = GatedBottleneckAdapter(hidden_size, config.reduction_factor, gate_mode=config.gate_mode,
                                               non_linearity=config.adapter_non_linearity, device=w.device, dtype=w.dtype)
 
