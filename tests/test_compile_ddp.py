@@ -10,8 +10,11 @@ full batch.
 from __future__ import annotations
 
 import copy
+import datetime
 import os
+import socket
 import tempfile
+import time
 
 import pytest
 import torch
@@ -83,9 +86,10 @@ def _ids():
     return torch.randint(0, 128, (4, 6), generator=torch.Generator().manual_seed(5))
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, out_path: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, out_path: str) -> None:
     torch.set_float32_matmul_precision("highest")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         model = peftops.accelerate(tiny_llama_peft(LoraConfig(**LORA_CFG)))
         ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -94,8 +98,15 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_path: str) -> None:
         if rank == 0:
             grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
             torch.save({"grads": grads, "counts": peftops.dispatch_counts()}, out_path)
+        dist.barrier()  # neither rank leaves (and tears the store down) before the other is done
     finally:
         dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_ddp_two_processes_match_single_process_full_batch():
@@ -104,7 +115,13 @@ def test_ddp_two_processes_match_single_process_full_batch():
     _, g_ref = loss_and_grads(copy.deepcopy(model).train(), ids)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "grads.pt")
-        mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), out), nprocs=2, join=True)
+        ctx = mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=False)
+        deadline = time.monotonic() + 300
+        while not ctx.join(timeout=2):  # a watchdog: a hung worker fails the test, never the suite
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail("DDP workers did not finish within 300 s")
         got = torch.load(out)
     assert got["counts"].get("lora.triton", 0) >= 4 and got["counts"].get("launch.lora_gemm", 0) >= 4
     assert got["grads"].keys() == g_ref.keys() and len(g_ref) == 8
