@@ -316,3 +316,129 @@ def test_native_adapter_on_accelerated_peft_lora_model():
     out.loss.backward()
     c = peftops.dispatch_counts()
     assert c.get("launch.lora_gemm", 0) > 0 and c.get("launch.adapter_fwd", 0) > 0
+
+
+# ----------------------------------------------------------------------------- UniPELT
+UNI = dict(r=4, prefix_length=3, prefix_encoder_hidden_size=32, reduction_factor=4)
+
+
+def randomise_trainable(model, seed=1, std=0.1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+
+
+@pytest.mark.parametrize("gate_mode", ["sequence", "token"])
+def test_unipelt_llama_layer_equals_composition(gate_mode, monkeypatch):
+    """At one Llama layer (float64, reference path): gated LoRA on q / v, the gated prefix
+    in attention (causal, GQA: 4 q heads over 2 kv heads) and the gated SeqBn adapter after
+    the FFN, composed by hand from the injected submodules."""
+    monkeypatch.setenv("PEFTOPS_BACKEND", "reference")
+    model = tiny_llama().double()
+    peftops.add_adapter(model, "uni", inject.UniPELTConfig(gate_mode=gate_mode, **UNI))
+    randomise_trainable(model)
+    model.eval()
+    layer = model.model.layers[1]
+    x = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    pe = model.model.rotary_emb(x, torch.arange(6)[None].expand(2, 6))
+    y = layer(x, position_embeddings=pe, attention_mask=None)
+    y = y[0] if isinstance(y, tuple) else y
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    att = layer.self_attn
+    assert isinstance(att.q_proj, peftops.nn.unipelt.GatedLoraLinear)
+    with torch.no_grad():
+        hs = layer.input_layernorm(x)
+        q = att.q_proj(hs).view(2, 6, 4, 16).transpose(1, 2)
+        k = att.k_proj(hs).view(2, 6, 2, 16).transpose(1, 2)
+        v = att.v_proj(hs).view(2, 6, 2, 16).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *pe)
+        o = att.prefixes["uni"](q, k, v, hs, is_causal=True).transpose(1, 2).reshape(2, 6, 64)
+        x1 = x + att.o_proj(o)
+        m = layer.mlp.forward(layer.post_attention_layernorm(x1))  # .forward: without the injection hooks
+        ref = layer.mlp.adapters["uni"].adapter(m + x1, m) + x1   # x1 + m + g_A s f(m + x1)
+        inject.set_active_adapters(model, None)
+        plain = layer(x, position_embeddings=pe, attention_mask=None)
+        plain = plain[0] if isinstance(plain, tuple) else plain
+    assert rel_err(y, ref) <= 1e-12
+    assert rel_err(plain, ref) > 1e-3
+
+
+def test_unipelt_bert_layer_equals_composition(monkeypatch):
+    monkeypatch.setenv("PEFTOPS_BACKEND", "reference")
+    model = tiny_bert().double()
+    peftops.add_adapter(model, "uni", inject.UniPELTConfig(**UNI))
+    randomise_trainable(model)
+    model.eval()
+    layer = model.encoder.layer[0]
+    x = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0  # padding in sample 1: hidden from every query, the prefix stays visible
+    ext = mask[:, None, None, :].bool().expand(2, 1, 6, 6)
+    y = layer(x, attention_mask=ext)
+    y = y[0] if isinstance(y, tuple) else y
+    sa = layer.attention.self
+    with torch.no_grad():
+        q, k, v = (lin(x).view(2, 6, 4, 16).transpose(1, 2) for lin in (sa.query, sa.key, sa.value))
+        ctx = sa.prefixes["uni"](q, k, v, x, key_padding_mask=mask).transpose(1, 2).reshape(2, 6, 64)
+        a = layer.attention.output(ctx, x)
+        out = layer.output
+        h = out.dense(layer.intermediate(a))
+        s = h + a
+        ref = out.LayerNorm(out.adapters["uni"].adapter(out.LayerNorm(s), s))
+    assert rel_err(y, ref) <= 1e-12
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_unipelt_whole_model_kernels_equal_reference_path(family, monkeypatch):
+    model = tiny_bert() if family == "bert" else tiny_llama()
+    peftops.add_adapter(model, "uni", inject.UniPELTConfig(**UNI))
+    randomise_trainable(model)
+    model.eval()
+    assert all(".base_layer." not in n for n, p in model.named_parameters() if p.requires_grad)
+    y, g = _fwd_bwd(model, family == "llama")
+    c = peftops.dispatch_counts()
+    for k in ("launch.lora_gemm", "launch.prefix_attn_fwd", "launch.prefix_attn_bwd_dkdv", "launch.adapter_fwd"):
+        assert c.get(k, 0) > 0, k
+    monkeypatch.setenv("PEFTOPS_BACKEND", "reference")
+    y_ref, g_ref = _fwd_bwd(model, family == "llama")
+    assert rel_err(y, y_ref) <= TOL
+    assert g.keys() == g_ref.keys() and len(g) >= 20
+    for n in g:
+        assert rel_err(g[n], g_ref[n]) <= TOL, (n, rel_err(g[n], g_ref[n]))
+
+
+def test_unipelt_trains_saves_loads_and_removes(tmp_path):
+    model = tiny_bert()
+    with torch.no_grad():
+        plain = model(input_ids=IDS).last_hidden_state
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    peftops.add_adapter(model, "uni", inject.UniPELTConfig(**UNI))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    target = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(5))
+    losses = []
+    for _ in range(4):
+        opt.zero_grad()
+        loss = (model(input_ids=IDS).last_hidden_state - target).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    now = {n.replace(".base_layer.", "."): p for n, p in model.named_parameters()}
+    assert all(torch.equal(now[n], p) for n, p in base_before.items())  # the base is frozen
+    peftops.save_adapter(model, tmp_path / "uni", "uni")
+    model.eval()
+    with torch.no_grad():
+        ref = model(input_ids=IDS).last_hidden_state
+    fresh = tiny_bert().eval()
+    peftops.load_adapter(fresh, tmp_path / "uni")
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=IDS).last_hidden_state, ref)
+    with pytest.raises(ValueError, match="one per model"):
+        peftops.add_adapter(fresh, "uni2", inject.UniPELTConfig(**UNI))
+    inject.remove_injection(fresh)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=IDS).last_hidden_state, plain)
+    assert fresh.config._attn_implementation != "peftops_prefix"

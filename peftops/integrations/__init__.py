@@ -3,7 +3,9 @@ optional dependencies).
 
 * ``accelerate(model)``: run a peft model's LoRA / IA3 layers on the peftops kernels.
 * ``add_adapter(model, name, config)``: native injection of bottleneck adapters,
-  AdapterFusion and UniPELT into transformers' BERT / RoBERTa / Llama families.
+  AdapterFusion and UniPELT into transformers' BERT / RoBERTa / Llama families;
+  ``save_adapter`` / ``load_adapter``: adapter_config.json + adapter_model.safetensors.
+* ``demo.run(device, dtype)``: peft vs peft + accelerate, side by side.
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ def deaccelerate(model):
 
 
 from .checkpoint import load_adapter, save_adapter  # noqa: E402
-from .inject import (BottleneckConfig, FusionConfig, add_adapter, delete_adapter, remove_injection,  # noqa: E402
-                     set_active_adapters, train_adapter)
+from .inject import (BottleneckConfig, FusionConfig, UniPELTConfig, add_adapter, delete_adapter,  # noqa: E402
+                     remove_injection, set_active_adapters, train_adapter)
 
 __all__ = ["accelerate", "deaccelerate", "add_adapter", "set_active_adapters", "train_adapter", "delete_adapter",
-           "remove_injection", "save_adapter", "load_adapter", "BottleneckConfig", "FusionConfig"]
+           "remove_injection", "save_adapter", "load_adapter", "BottleneckConfig", "FusionConfig", "UniPELTConfig"]

@@ -8,7 +8,6 @@ A fusion's checkpoint holds the fusion layers only; load its adapters first.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -24,18 +23,22 @@ def _base(model: nn.Module) -> nn.Module:
     return inject._base(model)
 
 
+def _rename(key: str, old: str, new: str) -> str:
+    for kind in ("adapters", "adapter_fusion", "prefixes"):
+        key = key.replace(f".{kind}.{old}.", f".{kind}.{new}.")
+    return key
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str) -> None:
     from safetensors.torch import save_file
 
     cfg = inject.adapter_configs(model).get(name)
     if cfg is None:
         raise ValueError(f"unknown adapter {name!r}; have {list(inject.adapter_configs(model))}")
-    base = _base(model)
-    kind = "adapter_fusion" if isinstance(cfg, inject.FusionConfig) else "adapters"
-    tensors = {k: p.detach().contiguous() for k, p in base.named_parameters() if f".{kind}.{name}." in k}
+    tensors = {k: p.detach().contiguous() for k, p in inject.adapter_parameters(model, name, relative=True).items()}
     os.makedirs(directory, exist_ok=True)
     meta = {"peftops_type": "native_adapter", "name": name, "model_type": model.config.model_type,
-            "config": dataclasses.asdict(cfg)}
+            "config": inject.config_to_dict(cfg)}
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(meta, f, indent=1)
     save_file(tensors, os.path.join(directory, WEIGHTS_NAME))
@@ -55,10 +58,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     saved = meta["name"]
     name = name or saved
     inject.add_adapter(model, name, inject.config_from_dict(meta["config"]), set_active=set_active, train=train)
-    kind = "adapter_fusion" if meta["config"].get("method") == "fusion" else "adapters"
     tensors = load_file(os.path.join(directory, WEIGHTS_NAME))
-    params = {k: p for k, p in _base(model).named_parameters() if f".{kind}.{name}." in k}
-    renamed = {k.replace(f".{kind}.{saved}.", f".{kind}.{name}."): v for k, v in tensors.items()}
+    params = inject.adapter_parameters(model, name, relative=True)
+    renamed = {_rename(k, saved, name): v for k, v in tensors.items()}
     if renamed.keys() != params.keys():
         missing, extra = sorted(params.keys() - renamed.keys()), sorted(renamed.keys() - params.keys())
         raise ValueError(f"{directory}: checkpoint does not match the model: missing {missing[:4]}, "

@@ -1,5 +1,5 @@
-"""Native injection of what HF PEFT lacks: bottleneck adapters and AdapterFusion in
-transformers' BERT / RoBERTa and Llama-family models.
+"""Native injection of what HF PEFT lacks: bottleneck adapters, AdapterFusion and UniPELT
+in transformers' BERT / RoBERTa and Llama-family (Llama, Mistral, Qwen2) models.
 
 One mechanism for every family: a table (``FAMILIES``) says, per transformer layer and per
 adapter location ("attention" = after the attention block, "output" = after the FFN),
@@ -24,6 +24,15 @@ METHODS.md exactly:
 ``[a_1..a_N]`` (same placement) replaces h by ``fusion(query=z, u_n = s_n f_n(z),
 residual=h)`` = ``h + sum_n softmax_n(q . k_n / T) v_n``.
 
+UniPELT (``UniPELTConfig``, one per model): the table's ``attention`` entry says where q, v
+and the attention module are; q / v become ``GatedLoraLinear`` (the original Linear is their
+``base_layer``), each attention module gets ``prefixes.<name>`` (a ``GatedPrefix``), and the
+model's attention implementation is switched to ``"peftops_prefix"``, a registered
+transformers attention function that runs ``peftops.prefix_attention`` with the gated prefix
+(SDPA when UniPELT is inactive; masks in SDPA's format, key padding taken from them; no KV
+cache, no attention-probability dropout); the gated SeqBn adapter sits after the FFN like
+a pfeiffer adapter. ``remove_injection`` / ``delete_adapter`` restore all of it.
+
 Parameter names: ``<holder>.adapters.<name>.adapter_down.0.weight`` ... (AdapterHub's
 names for BERT: ``bert.encoder.layer.0.output.adapters.<name>....``) and
 ``<holder>.adapter_fusion.<name>.query.weight`` ...
@@ -42,10 +51,11 @@ import torch.nn as nn
 
 from ..nn.adapter import _ALIASES, BottleneckAdapter
 from ..nn.fusion import AdapterFusion
+from ..nn.unipelt import GatedBottleneckAdapter, GatedLoraLinear, GatedPrefix, UniPELTConfig
 
 log = logging.getLogger("peftops")
 
-__all__ = ["BottleneckConfig", "FusionConfig", "FAMILIES", "add_adapter", "set_active_adapters",
+__all__ = ["BottleneckConfig", "FusionConfig", "UniPELTConfig", "FAMILIES", "add_adapter", "set_active_adapters",
            "train_adapter", "delete_adapter", "remove_injection", "adapter_configs"]
 
 
@@ -87,11 +97,18 @@ def config_from_dict(d: dict):
         return BottleneckConfig(**d)
     if method == "fusion":
         return FusionConfig(**d)
+    if method == "unipelt":
+        return UniPELTConfig(**d)
     raise ValueError(f"unknown adapter method {method!r} in config {d}")
 
 
+def config_to_dict(config) -> dict:
+    method = "unipelt" if isinstance(config, UniPELTConfig) else config.method
+    return {**dataclasses.asdict(config), "method": method}
+
+
 def _as_config(config):
-    if isinstance(config, (BottleneckConfig, FusionConfig)):
+    if isinstance(config, (BottleneckConfig, FusionConfig, UniPELTConfig)):
         return config
     if isinstance(config, str):
         return BottleneckConfig(placement=config)
@@ -110,20 +127,31 @@ class Location:
 
 
 @dataclasses.dataclass(frozen=True)
+class Attention:
+    """Where UniPELT's gated LoRA (q, v) and gated prefix go."""
+    module: str  # the attention module (its input, arg ``x_in[0]`` / ``x_in[1]``, feeds the prefix gate)
+    x_in: tuple  # (positional index, keyword name)
+    q: str
+    v: str
+    causal: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
     layers: str  # path of the ModuleList of transformer layers, from the base model
     locations: dict
+    attention: Attention
 
 
 _BERT = Family("encoder.layer", {
     "attention": Location("attention.output", "attention.output.dropout", ("attention.output", 1, "input_tensor"),
                           "attention.output.LayerNorm"),
     "output": Location("output", "output.dropout", ("output", 1, "input_tensor"), "output.LayerNorm"),
-})
+}, Attention("attention.self", (0, "hidden_states"), "attention.self.query", "attention.self.value", causal=False))
 _LLAMA = Family("layers", {
     "attention": Location("self_attn", "self_attn", ("input_layernorm", 0, "hidden_states"), None),
     "output": Location("mlp", "mlp", ("post_attention_layernorm", 0, "hidden_states"), None),
-})
+}, Attention("self_attn", (0, "hidden_states"), "self_attn.q_proj", "self_attn.v_proj", causal=True))
 # config.model_type -> family
 FAMILIES = {"bert": _BERT, "roberta": _BERT, "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA}
 
@@ -138,6 +166,13 @@ class _Injection:
         self.configs: dict[str, object] = {}
         self.active: list[str] = []
         self.sites: list[_Site] = []
+        self.unipelt_name: str | None = None
+        self.unipelt_lora: list[tuple[nn.Module, str, GatedLoraLinear]] = []  # (parent, attr, module)
+        self.attn_sites: list[_AttnSite] = []
+        self.prev_attn_impl: str | None = None
+
+    def unipelt_active(self) -> bool:
+        return self.unipelt_name is not None and self.unipelt_name in self.active
 
 
 class _Site:
@@ -201,6 +236,127 @@ class _Site:
             hd.remove()
 
 
+# ---------------------------------------------------------------------------- UniPELT
+_ATTN_NAME = "peftops_prefix"
+
+
+class _SwitchedGatedLora(GatedLoraLinear):
+    """UniPELT's gated LoRA at q / v: the base layer alone while its UniPELT is inactive."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._peftops_state.unipelt_active():
+            return self.base_layer(x)
+        return super().forward(x)
+
+
+class _AttnSite:
+    """Stashes the attention input (the prefix gate's input) for ``_prefix_attention``."""
+
+    def __init__(self, state: _Injection, attn: nn.Module, spec: Attention):
+        self.state, self.attn, self.causal = state, attn, spec.causal
+        self.idx, self.kw = spec.x_in
+        self.hidden: torch.Tensor | None = None
+        attn.__dict__["_peftops_attn_site"] = self
+        self.handle = attn.register_forward_pre_hook(self._pre, with_kwargs=True)
+
+    def _pre(self, module, args, kwargs):
+        self.hidden = args[self.idx] if len(args) > self.idx else kwargs[self.kw]
+
+    def remove(self):
+        self.handle.remove()
+        self.attn.__dict__.pop("_peftops_attn_site", None)
+        if "prefixes" in self.attn._modules:
+            del self.attn._modules["prefixes"]
+
+
+def _prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers attention function (registered as ``"peftops_prefix"``): the gated prefix
+    through ``peftops.prefix_attention`` while UniPELT is active, else torch SDPA. The mask
+    arrives in SDPA's format (the mask function registered with it is SDPA's); its last
+    query row is the key padding mask. Attention-probability dropout is not applied on
+    the prefix path."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    site = module.__dict__.get("_peftops_attn_site")
+    if site is None or not site.state.unipelt_active():
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if key.shape[2] != query.shape[2]:
+        raise NotImplementedError("UniPELT's prefix attention does not support a KV cache (generation with "
+                                  "past_key_values); call the model with use_cache=False")
+    if scaling is not None and abs(scaling * query.shape[-1] ** 0.5 - 1.0) > 1e-6:
+        raise NotImplementedError(f"prefix attention uses scale 1/sqrt(head_dim); the model asks for {scaling}")
+    kpm = None
+    if attention_mask is not None:
+        last = attention_mask[:, 0, -1, :]
+        kpm = last if last.dtype == torch.bool else last == 0
+    prefix = module.prefixes[site.state.unipelt_name]
+    out = prefix(query, key, value, site.hidden, is_causal=site.causal, key_padding_mask=kpm)
+    site.hidden = None
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(_ATTN_NAME, _prefix_attention)
+    AttentionMaskInterface.register(_ATTN_NAME, sdpa_mask)
+
+
+def _set_attn_impl(model: nn.Module, name: str) -> None:
+    cfg = _base(model).config
+    cfg._attn_implementation = name
+    if cfg._attn_implementation != name:  # pragma: no cover (a transformers without the setter)
+        raise RuntimeError(f"could not switch the attention implementation to {name!r}")
+
+
+def _add_unipelt(model: nn.Module, st: _Injection, name: str, config: UniPELTConfig, kw: dict) -> None:
+    if st.unipelt_name is not None:
+        raise ValueError(f"this model already has UniPELT adapter {st.unipelt_name!r} (one per model)")
+    base = _base(model)
+    cfg = base.config
+    d, heads = int(cfg.hidden_size), int(cfg.num_attention_heads)
+    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or d // heads)
+    spec = st.family.attention
+    for layer in base.get_submodule(st.family.layers):
+        for path in (spec.q, spec.v):
+            parent_path, _, attr = path.rpartition(".")
+            parent = layer.get_submodule(parent_path)
+            lora = _SwitchedGatedLora(getattr(parent, attr), config.r, gate_mode=config.gate_mode)
+            lora._peftops_state = st
+            setattr(parent, attr, lora)
+            st.unipelt_lora.append((parent, attr, lora))
+        attn = layer.get_submodule(spec.module)
+        attn.prefixes = nn.ModuleDict({name: GatedPrefix(
+            d, kv, head_dim, config.prefix_length, prefix_projection=config.prefix_projection,
+            encoder_hidden_size=config.prefix_encoder_hidden_size, gate_mode=config.gate_mode, **kw)})
+        st.attn_sites.append(_AttnSite(st, attn, spec))
+    for site in st.sites:
+        if site.loc_name == "output":
+            site.holder.adapters[name] = GatedBottleneckAdapter(
+                d, config.reduction_factor, gate_mode=config.gate_mode, placement="pfeiffer",
+                non_linearity=config.adapter_non_linearity, **kw)
+    _register_attention()
+    st.prev_attn_impl = base.config._attn_implementation
+    _set_attn_impl(model, _ATTN_NAME)
+    st.unipelt_name = name
+
+
+def _remove_unipelt(model: nn.Module, st: _Injection) -> None:
+    for parent, attr, lora in st.unipelt_lora:
+        setattr(parent, attr, lora.base_layer)
+    for site in st.attn_sites:
+        site.remove()
+    for site in st.sites:
+        if st.unipelt_name in site.holder.adapters:
+            del site.holder.adapters[st.unipelt_name]
+    if st.prev_attn_impl is not None:
+        _set_attn_impl(model, st.prev_attn_impl)
+    st.unipelt_lora, st.attn_sites, st.unipelt_name, st.prev_attn_impl = [], [], None, None
+
+
 def _state(model: nn.Module, create: bool = True) -> _Injection:
     st = model.__dict__.get("_peftops_injection")
     if st is None:
@@ -250,7 +406,9 @@ def add_adapter(model: nn.Module, name: str, config, *, set_active: bool = True,
     ref = next(model.parameters())
     kw = dict(device=ref.device, dtype=ref.dtype)
     d = _hidden_size(model)
-    if isinstance(config, BottleneckConfig):
+    if isinstance(config, UniPELTConfig):
+        _add_unipelt(model, st, name, config, kw)
+    elif isinstance(config, BottleneckConfig):
         for site in st.sites:
             if site.loc_name in config.locations:
                 site.holder.adapters[name] = BottleneckAdapter(
@@ -287,13 +445,21 @@ def set_active_adapters(model: nn.Module, names: str | list[str] | None) -> None
     st.active = names
 
 
-def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
-    """``{state_dict key: Parameter}`` of adapter / fusion ``name``."""
+def adapter_parameters(model: nn.Module, name: str, *, relative: bool = False) -> dict[str, nn.Parameter]:
+    """``{state_dict key: Parameter}`` of adapter / fusion / UniPELT ``name`` (keys relative
+    to the transformers base model with ``relative``)."""
     st = _state(model, create=False)
     if name not in st.configs:
         raise ValueError(f"unknown adapter {name!r}; have {list(st.configs)}")
-    kind = "adapter_fusion" if isinstance(st.configs[name], FusionConfig) else "adapters"
-    return {k: p for k, p in model.named_parameters() if f".{kind}.{name}." in k}
+    cfg = st.configs[name]
+    own: set[int] = set()
+    marks = [f".adapter_fusion.{name}."] if isinstance(cfg, FusionConfig) else [f".adapters.{name}."]
+    if isinstance(cfg, UniPELTConfig):
+        marks.append(f".prefixes.{name}.")
+        for _, _, lora in st.unipelt_lora:
+            own |= {id(p) for n, p in lora.named_parameters() if not n.startswith("base_layer.")}
+    root = _base(model) if relative else model
+    return {k: p for k, p in root.named_parameters() if id(p) in own or any(m in k for m in marks)}
 
 
 def train_adapter(model: nn.Module, name: str) -> None:
@@ -312,6 +478,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     users = [f for f, c in st.configs.items() if isinstance(c, FusionConfig) and name in c.adapters]
     if users:
         raise ValueError(f"adapter {name!r} is used by fusion(s) {users}; delete those first")
+    if name == st.unipelt_name:
+        _remove_unipelt(model, st)
     for site in st.sites:
         for d in (site.holder.adapters, site.holder.adapter_fusion):
             if name in d:
@@ -323,6 +491,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 def remove_injection(model: nn.Module) -> None:
     """Remove every hook and adapter: the plain model again."""
     st = _state(model, create=False)
+    _remove_unipelt(model, st)
     for site in st.sites:
         site.remove()
         for attr in ("adapters", "adapter_fusion"):
