@@ -359,3 +359,12 @@ def test_adding_a_peft_adapter_after_accelerate():
     _, s = peftops.accelerate(fast, return_summary=True)
     assert len(s.swapped) == 4 and not s.left
     assert_same(plain, fast, IDS)
+
+
+def test_gpt2_ia3_fan_in_fan_out():
+    cfg = IA3Config(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True)
+    plain, fast = pair(tiny_gpt2, cfg)
+    peftops.accelerate(fast)
+    assert len(fast.peftops_summary.swapped) == 4 and not fast.peftops_summary.left
+    assert_same(plain, fast, IDS)
+    assert peftops.dispatch_counts().get("ia3.triton", 0) >= 4
