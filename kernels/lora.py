@@ -1,6 +1,7 @@
 """LoRA kernels.
 
 Forward   y  = x W^T + b + g * s * (drop(x) A^T) B^T          (g: gate per row, s: scaling)
+          (up to FUSE_S_MAX_ROWS rows, S = drop(x) A^T is made inside the GEMM: one launch)
 Backward  (W frozen; S = drop(x) A^T is saved, [T, r] fp32)
           dYB = dY B                                          [T, r]   -- rank r
           dB  = (g s dY)^T S                                  [out, r] -- reduce over T
@@ -38,16 +39,21 @@ def _dropout(tile, rows, cols, n_cols, seed, p, inv_keep):
 
 @triton.jit
 def lora_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, s_ptr, e_ptr, rowscale_ptr, out_ptr,
+    x_ptr, w_ptr, bias_ptr, s_ptr, e_ptr, rowscale_ptr, a_ptr, out_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_sm, stride_sr,
-    stride_er, stride_en, stride_om, stride_on,
+    stride_er, stride_en, stride_ar, stride_ak, stride_om, stride_on,
     scale, seed, p, inv_keep,
-    HAS_BIAS: tl.constexpr, HAS_ROWSCALE: tl.constexpr, DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ROWSCALE: tl.constexpr, FUSE_S: tl.constexpr,
+    DROP_S: tl.constexpr, DROP_EPI: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, EPI_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # FUSE_S (few rows, e.g. decode): S = drop(x) A^T is computed here from the x tiles the
+    # main loop loads anyway (A^T read from L2 by every column block; the pid_n == 0 blocks
+    # store S for backward): one launch instead of three. Otherwise S is read from s_ptr.
+    # DROP_S: dropout on the x tiles feeding S. DROP_EPI: dropout on the rank-r term (dx).
     # Grouped tile order: GROUP_M row blocks share each column block of W while in L2.
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -61,6 +67,7 @@ def lora_gemm_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
     # Rows / columns past the edge are wrapped (their results are masked at the store),
     # so the main loop only masks K.
     rm_in = (rm % M).to(tl.int64)
@@ -69,6 +76,9 @@ def lora_gemm_kernel(
     w_ptrs = w_ptr + rk[:, None] * stride_wk + rn_in[None, :].to(tl.int64) * stride_wn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FUSE_S:
+        a_ptrs = a_ptr + rk[:, None] * stride_ak + rr[None, :] * stride_ar        # A^T tile [BLOCK_K, BLOCK_R]
+        s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
         a = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
@@ -77,19 +87,29 @@ def lora_gemm_kernel(
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if FUSE_S:
+            at = tl.load(a_ptrs, mask=(rk[:, None] < k_left) & (rr[None, :] < R), other=0.0)
+            xs = a
+            if DROP_S:
+                xs = _dropout(a.to(tl.float32), rm_in, k * BLOCK_K + rk, K, seed, p, inv_keep).to(a.dtype)
+            s = tl.dot(xs, at.to(a.dtype), s, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
     # Epilogue: the rank-r term, S [BLOCK_M, r] @ E [r, BLOCK_N], r padded to BLOCK_R >= 16.
-    rr = tl.arange(0, BLOCK_R)
-    s = tl.load(s_ptr + rm_in[:, None] * stride_sm + rr[None, :] * stride_sr,
-                mask=rr[None, :] < R, other=0.0).to(tl.float32)
+    s_ptrs = s_ptr + rm_in[:, None] * stride_sm + rr[None, :] * stride_sr
+    if FUSE_S:
+        if pid_n == 0:
+            tl.store(s_ptrs, s, mask=(rm[:, None] < M) & (rr[None, :] < R))
+    else:
+        s = tl.load(s_ptrs, mask=rr[None, :] < R, other=0.0).to(tl.float32)
     e = tl.load(e_ptr + rr[:, None] * stride_er + rn_in[None, :].to(tl.int64) * stride_en,
                 mask=rr[:, None] < R, other=0.0).to(tl.float32)
     low = tl.dot(s, e, input_precision=EPI_PRECISION) * scale
     if HAS_ROWSCALE:
         low = low * tl.load(rowscale_ptr + rm_in).to(tl.float32)[:, None]
-    if DROPOUT:
+    if DROP_EPI:
         low = _dropout(low, rm_in, rn, N, seed, p, inv_keep)
     acc += low
     if HAS_BIAS:
@@ -148,6 +168,11 @@ def lora_skinny_kernel(
         tl.store(p1_ptrs, acc1, mask=m_ok[:, None] & (rr[None, :] < R))
 
 
+# Up to this many rows the forward computes S inside the GEMM (FUSE_S): one launch, and the
+# redundant S work (every column block redoes drop(x) A^T for its rows) stays negligible.
+FUSE_S_MAX_ROWS = 64
+
+
 def gemm_config(M, N, K, interpret):
     """Launch config for ``lora_gemm_kernel`` (a heuristics table by row count).
 
@@ -157,7 +182,7 @@ def gemm_config(M, N, K, interpret):
     if interpret:  # few, large programs: the interpreter's cost is per program and op
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)
     if M <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
     if M <= 256:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)

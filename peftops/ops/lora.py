@@ -130,9 +130,12 @@ def _skinny(x, e=None, f=None, *, seed=None, p=0.0):
     return (p1.sum(0) if p1 is not None else None), (p2.sum(0) if p2 is not None else None)
 
 
-def _gemm(x, w, bias, s, e, rowscale, scale, out_dtype, *, seed=None, p=0.0):
+def _gemm(x, w, bias, s, e, rowscale, scale, out_dtype, *, seed=None, p=0.0, fuse_a=None):
     """``out = x @ w + bias + scale * rowscale * drop(s @ e)``; x ``[M, K]``, w ``[K, N]``,
-    s ``[M, r]``, e ``[r, N]`` (any strides)."""
+    s ``[M, r]``, e ``[r, N]`` (any strides).
+
+    ``fuse_a`` (``[r, K]``): compute ``s = drop(x) fuse_a^T`` in the GEMM's main loop and write
+    it into ``s`` (the dropout, if any, then acts on that x, not on the rank-r term)."""
     k = kernels("lora")
     M, K = x.shape
     N = w.shape[1]
@@ -141,13 +144,16 @@ def _gemm(x, w, bias, s, e, rowscale, scale, out_dtype, *, seed=None, p=0.0):
     cfg = k.gemm_config(M, N, K, cpu_configs(x))
     grid = (-(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"]),)
     epi = "tf32" if x.dtype != torch.float32 else dot_precision(x.dtype)
+    fuse = fuse_a is not None
+    a = fuse_a if fuse else s
     k.lora_gemm_kernel[grid](
-        x, w, bias if bias is not None else out, s, e, rowscale if rowscale is not None else s, out,
+        x, w, bias if bias is not None else out, s, e, rowscale if rowscale is not None else s, a, out,
         M, N, K, R,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
-        e.stride(0), e.stride(1), out.stride(0), out.stride(1),
+        e.stride(0), e.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
         scale, int(seed) if seed is not None else 0, p, 1.0 / (1.0 - p),
-        HAS_BIAS=bias is not None, HAS_ROWSCALE=rowscale is not None, DROPOUT=seed is not None,
+        HAS_BIAS=bias is not None, HAS_ROWSCALE=rowscale is not None, FUSE_S=fuse,
+        DROP_S=fuse and seed is not None, DROP_EPI=not fuse and seed is not None,
         UPCAST=upcast_dots(x.dtype), PRECISION=dot_precision(x.dtype), EPI_PRECISION=epi,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         BLOCK_R=next_pow2(R), GROUP_M=cfg["GROUP_M"],
@@ -168,6 +174,11 @@ def lora_fwd(
     if T == 0:
         return x.new_empty((0, weight.shape[0])), x.new_empty((0, r), dtype=torch.float32)
     seed_v = None if seed is None else int(seed.item())
+    if T <= kernels("lora").FUSE_S_MAX_ROWS:                                     # one launch: S made in the GEMM
+        s = empty((T, r), torch.float32, x.device)
+        y = _gemm(x, weight.t(), bias, s, lora_B.t(), gate, scaling, x.dtype, seed=seed_v, p=dropout_p,
+                  fuse_a=lora_A)
+        return y, s
     s, _ = _skinny(x, e=lora_A.t(), seed=seed_v, p=dropout_p)                    # S = drop(x) A^T
     y = _gemm(x, weight.t(), bias, s, lora_B.t(), gate, scaling, x.dtype)        # y = x W^T + b + g s S B^T
     return y, s
