@@ -368,3 +368,16 @@ def test_gpt2_ia3_fan_in_fan_out():
     assert len(fast.peftops_summary.swapped) == 4 and not fast.peftops_summary.left
     assert_same(plain, fast, IDS)
     assert peftops.dispatch_counts().get("ia3.triton", 0) >= 4
+
+
+def test_e2e_bench_case_small_parity():
+    from peftops.benchmarks import e2e
+    from peftops.benchmarks.core import rel_err as bench_rel_err
+
+    (case,) = e2e.cases(torch.device("cpu"), torch.float32, small=True)
+    assert set(case.providers) == {"peft", "peftops"} and case.flops > 0
+    ref = case.providers["peft"]()()
+    got = case.providers["peftops"]()()
+    assert len(got) == len(ref) == 1 + 28  # loss + A and B of 14 layers
+    assert bench_rel_err(got, ref) <= TOL
+    assert peftops.dispatch_counts().get("launch.lora_gemm", 0) >= 14

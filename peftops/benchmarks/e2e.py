@@ -3,7 +3,8 @@ model built from a config (random weights, no download) with LoRA r=16 on every 
 layer, plain peft vs peft + ``peftops.accelerate``.
 
 ``small=False``: ~1.1B parameters (TinyLlama-1.1B's shape: hidden 2048, 22 layers, 32 heads,
-4 kv heads, FFN 5632, vocab 32000), bf16, batch 1 x seq 2048. ``small=True``: the tiny
+4 kv heads, FFN 5632, vocab 32000), bf16, batch 1 x seq 2048; two cases: LoRA weights in
+the model dtype, and in fp32 (peft's default ``autocast_adapter_dtype``). ``small=True``: the tiny
 Llama (hidden 64, 2 layers) for the CPU parity pass. Each provider returns
 ``(loss, *LoRA grads)`` so the same case serves GPU timing and CPU parity.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import Case
+from .core import Case, dtype_name
 
 SIZES = {
     # name: (LlamaConfig kwargs, batch, seq, LoRA r)
@@ -24,9 +25,12 @@ SIZES = {
 }
 
 
-def build_model(size: str, device, dtype: torch.dtype, accelerated: bool, seed: int = 0):
+def build_model(size: str, device, dtype: torch.dtype, accelerated: bool, seed: int = 0, *,
+                fp32_adapters: bool = False):
     """A peft LoRA model (r from ``SIZES``, alpha = 2r, all linear layers) over a randomly
-    initialised Llama, LoRA B random (a trained state), optionally accelerated."""
+    initialised Llama, LoRA B random (a trained state), optionally accelerated.
+    ``fp32_adapters``: peft's default (``autocast_adapter_dtype=True``: LoRA weights in fp32
+    over a half-precision base); else the adapters are in the model dtype."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -36,7 +40,7 @@ def build_model(size: str, device, dtype: torch.dtype, accelerated: bool, seed: 
     with torch.device(device):
         base = LlamaForCausalLM._from_config(cfg, dtype=dtype)
     model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"),
-                           autocast_adapter_dtype=False)  # adapters in the model dtype, as peftops computes
+                           autocast_adapter_dtype=fp32_adapters)
     g = torch.Generator(device="cpu").manual_seed(seed + 1)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -78,9 +82,9 @@ def cases(device, dtype, small: bool) -> list[Case]:
     size = "tiny" if small else "1b"
     cfg_kw, b, t, r = SIZES[size]
 
-    def make(accelerated):
+    def make(accelerated, fp32_adapters):
         def build():
-            model = build_model(size, device, dtype, accelerated)
+            model = build_model(size, device, dtype, accelerated, fp32_adapters=fp32_adapters)
             return step_fn(model, batch(size, device))
         return build
 
@@ -88,7 +92,10 @@ def cases(device, dtype, small: bool) -> list[Case]:
     n = base_params(size)
     # Frozen base: forward 2 N T + backward dx only 2 N T (no dW); attention not counted.
     flops = 4.0 * n * tokens
-    return [Case(op="e2e_llama_lora_train_step", shape=dict(size=size, batch=b, seq=t, r=r,
-                                                            params=n), dtype=dtype,
-                 providers={"peft": make(False), "peftops": make(True)}, flops=flops,
-                 bytes=2.0 * n * dtype.itemsize, parity_with="peft", compare=("peftops",))]
+    variants = [False] if small or dtype == torch.float32 else [False, True]
+    return [Case(op="e2e_llama_lora_train_step",
+                 shape=dict(size=size, batch=b, seq=t, r=r, params=n,
+                            adapters="fp32" if fp32 else dtype_name(dtype)), dtype=dtype,
+                 providers={"peft": make(False, fp32), "peftops": make(True, fp32)}, flops=flops,
+                 bytes=2.0 * n * dtype.itemsize, parity_with="peft", compare=("peftops",))
+            for fp32 in variants]
