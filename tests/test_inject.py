@@ -32,6 +32,15 @@ def tiny_bert(seed=0):
                                 attention_probs_dropout_prob=0.0)).eval()
 
 
+def tiny_roberta(seed=0):
+    from transformers import RobertaConfig, RobertaModel
+
+    torch.manual_seed(seed)
+    return RobertaModel(RobertaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                      vocab_size=128, max_position_embeddings=80, hidden_dropout_prob=0.0,
+                                      attention_probs_dropout_prob=0.0)).eval()
+
+
 def tiny_llama(seed=0):
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -168,12 +177,14 @@ def _fwd_bwd(model, causal):
     return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-SETUPS = [("bert", p) for p in PLACEMENTS] + [("bert", "fusion")] + [("llama", p) for p in PLACEMENTS]
+SETUPS = ([("bert", p) for p in PLACEMENTS] + [("bert", "fusion")] + [("llama", p) for p in PLACEMENTS]
+          + [("roberta", "houlsby")])
+MAKERS = {"bert": tiny_bert, "roberta": tiny_roberta, "llama": tiny_llama}
 
 
 @pytest.mark.parametrize("family,method", SETUPS)
 def test_whole_model_kernels_equal_reference_path(family, method, monkeypatch):
-    model = tiny_bert() if family == "bert" else tiny_llama()
+    model = MAKERS[family]()
     if method == "fusion":
         peftops.add_adapter(model, "a1", "pfeiffer")
         peftops.add_adapter(model, "a2", "pfeiffer")
