@@ -453,3 +453,22 @@ def test_unipelt_trains_saves_loads_and_removes(tmp_path):
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=IDS).last_hidden_state, plain)
     assert fresh.config._attn_implementation != "peftops_prefix"
+
+
+def test_unipelt_bert_padding_mask_reaches_prefix_attention():
+    """Per-token gates: a right-padded sequence's real tokens equal the unpadded sequence's
+    outputs only if the padding mask reaches the prefix attention (kernels)."""
+    model = tiny_bert()
+    peftops.add_adapter(model, "uni", inject.UniPELTConfig(gate_mode="token", **UNI))
+    randomise_trainable(model)
+    model.eval()
+    ids = IDS[:1]
+    mask = torch.ones_like(ids)
+    mask[:, 6:] = 0
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :6]
+        short = model(input_ids=ids[:, :6]).last_hidden_state
+        unmasked = model(input_ids=ids).last_hidden_state[:, :6]
+    assert rel_err(padded, short) <= 1e-5
+    assert rel_err(unmasked, short) > 1e-3  # the mask matters
+    assert peftops.dispatch_counts().get("launch.prefix_attn_fwd", 0) >= 6
