@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import peftops
 from peftops import reference
 from peftops.nn.prefix import PrefixEncoder
-from parity import BOUNDS, DEVICE, DTYPES, TF32_BOUND, assert_close, check_parity, copy_as, randn
+from parity import BOUNDS, DEVICE, DTYPES, TF32_BOUND, assert_close, check_parity, copy_as, randn, rel_err
 
 GRADS = ["q", "k", "v", "prefix_k", "prefix_v"]
 
@@ -54,6 +54,11 @@ def run_parity(args, dtype, causal, grads=None, bound=None, **kw):
     """check_parity for the output and every gradient (the gate's with HALF_GATE_BOUND in half)."""
     if grads is None:
         grads = GRADS + (["prefix_gate"] if args.get("prefix_gate") is not None else [])
+    if bound is None and dtype != torch.float32 and args["q"].shape[2] <= 2:
+        # T <= 2 in half precision: dK / dV of one or two keys are short sums with heavy
+        # cancellation (dS rows sum to zero); the rounding of the inputs alone moves them by up
+        # to ~8e-3 (bf16, measured over seeds), so these cases get DESIGN.md's half bound.
+        bound = HALF_GATE_BOUND
     bound = BOUNDS[dtype] if bound is None else bound
     masters, copies = {}, {}
     for name, value in args.items():
@@ -72,7 +77,12 @@ def run_parity(args, dtype, causal, grads=None, bound=None, **kw):
         if name == "prefix_gate" and dtype != torch.float32:
             rounded = {n: t.detach().to(torch.float64).requires_grad_(n == name) for n, t in copies.items()}
             reference.prefix_attention(**rounded, is_causal=causal, **kw).backward(dy.to(dtype).double())
-            assert_close(f"d{name}", got, rounded[name].grad, HALF_GATE_BOUND)
+            # ... and no worse than 1.5x plain PyTorch in the same dtype on a draw where even that
+            # misses the half bound (a [B, 1] gate's d gk + d gv can nearly cancel).
+            eager = {n: t.detach().clone().requires_grad_(n == name) for n, t in copies.items()}
+            reference.prefix_attention(**eager, is_causal=causal, **kw).backward(dy.to(dtype))
+            b = max(HALF_GATE_BOUND, 1.5 * rel_err(eager[name].grad, rounded[name].grad))
+            assert_close(f"d{name}", got, rounded[name].grad, b)
         else:
             assert_close(f"d{name}", got, masters[name].grad, bound)
     return out, expect
