@@ -352,12 +352,15 @@ def test_module_peft_init_and_bad_args():
         peftops.LoraLinear(torch.nn.ReLU())
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
     """The launchers are torch custom ops: a compiled graph holds them without a break, and
-    the kernels (not the reference) run inside it."""
+    the kernels (not the reference) run inside it. Inductor also checks the fake kernels'
+    shapes and strides against the real ones."""
     args = {k: copy_as(v, torch.float32, k in ("x", "lora_A", "lora_B"))
             for k, v in lora_args((2, 7), 24, 20, 3, gate="token").items()}
-    fn = torch.compile(lambda **a: peftops.lora_linear(**a, scaling=0.5), fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    fn = torch.compile(lambda **a: peftops.lora_linear(**a, scaling=0.5), fullgraph=True, backend=backend)
     y = fn(**args)
     y.square().sum().backward()
     got = [args[k].grad.clone() for k in ("x", "lora_A", "lora_B")]

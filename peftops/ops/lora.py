@@ -199,7 +199,7 @@ def lora_bwd(
     T, r = x.shape[0], lora_A.shape[0]
     if T == 0:
         dx = x.new_zeros(x.shape) if need_dx else x.new_empty(0)
-        return dx, torch.zeros_like(lora_A), torch.zeros_like(lora_B), s.new_zeros(0)
+        return dx, lora_A.new_zeros(lora_A.shape), lora_B.new_zeros(lora_B.shape), s.new_zeros(0)
     seed_v = None if seed is None else int(seed.item())
     gs = torch.full((T,), scaling, dtype=torch.float32, device=x.device) if gate is None else gate * scaling
     dyb, d_b = _skinny(dy, e=lora_B, f=s * gs[:, None])                          # dYB = dY B; dB = (g s dY)^T S
@@ -209,14 +209,14 @@ def lora_bwd(
     dx = x.new_empty(0)
     if need_dx:                                                                  # dx = dY W + drop'(dS A)
         dx = _gemm(dy, weight, None, ds, lora_A, None, 1.0, x.dtype, seed=seed_v, p=dropout_p)
-    return dx, d_at.t().to(lora_A.dtype), d_b.to(lora_B.dtype), dg
+    return dx, d_at.t().to(lora_A.dtype).contiguous(), d_b.to(lora_B.dtype).contiguous(), dg
 
 
 @lora_bwd.register_fake
 def _(dy, x, weight, lora_A, lora_B, s, gate, scaling, dropout_p, seed, need_dx):
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
     dg = s.new_empty(x.shape[0]) if gate is not None else s.new_empty(0)
-    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B), dg
+    return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape), dg
 
 
 def dropout_mask(seed: int, shape: tuple[int, int], p: float, device="cpu") -> torch.Tensor:

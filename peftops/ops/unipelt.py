@@ -202,4 +202,5 @@ def gated_lora_bwd(
 @gated_lora_bwd.register_fake
 def _(dy, x, weight, lora_A, lora_B, gate_weight, gate_bias, s_ext, g, scaling, gate_mode, seq, need_dx):
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
-    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B), torch.empty_like(gate_weight), gate_weight.new_empty(1)
+    return (dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape), gate_weight.new_empty(gate_weight.shape),
+            gate_weight.new_empty(1))
