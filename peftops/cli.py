@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in (("demo", "the main job: fused vs eager on the default shapes, then the tiny-Llama side-by-side"),
                        ("bench", "kernel benchmarks (GPU) or a parity pass (no GPU)")):
         p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {sorted(METHODS)}")
+        default = [m for m in METHODS if name == "bench" or m != "e2e"]  # demo runs the tiny Llama itself
+        p.add_argument("--methods", default=",".join(default), help=f"comma-separated, from {sorted(METHODS)}")
         p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype for GPU timing (default bf16)")
         p.add_argument("--small", action="store_true", help="small shapes on a GPU too")
         p.add_argument("--out", default="bench/results", help="directory for the JSON results ('' to skip)")
@@ -63,14 +64,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _tiny_model_demo() -> bool:
-    """peft vs peft + peftops.accelerate on a tiny Llama, when the integration is installed."""
-    try:
-        from .integrations import demo
-    except ImportError:
-        print("\n(tiny-model side-by-side: peftops.integrations.demo is not available in this build)")
-        return True
+    """peft vs peft + peftops.accelerate on a tiny Llama (parity; step time and memory on a GPU)."""
+    from .benchmarks.core import table
+    from .benchmarks.run import PARITY_BOUND
+    from .integrations import demo
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return bool(demo.main(device))
+    print("\ntiny Llama: peft vs peft + peftops.accelerate")
+    rows = demo.run(device)
+    for r in rows:
+        if "max_rel_err" in r:
+            r["status"] = "ok" if r["max_rel_err"] <= PARITY_BOUND else "FAIL"  # NaN fails
+    print(table(rows, [(k, k) for k in dict.fromkeys(k for r in rows for k in r)]))
+    return all(r.get("status", "ok") == "ok" for r in rows)
 
 
 if __name__ == "__main__":
