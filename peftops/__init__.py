@@ -2,55 +2,38 @@
 
 Ops (functional, autograd-aware) and drop-in modules; every op equals the plain-PyTorch
 formula in ``peftops.reference``. Dispatch: ``PEFTOPS_BACKEND`` = auto | triton | reference.
+Importing peftops imports neither triton nor peft (both load on first use).
 """
 from ._dispatch import backend, dispatch_counts, reset_dispatch_counts
-from .nn.adapter import BottleneckAdapter
-from .ops.adapter import bottleneck_adapter
-from .nn.lora import LoraLinear
-from .nn.fusion import AdapterFusion
-from .ops.fusion import adapter_fusion
+
+# ops (one per method)
 from .ops.lora import lora_linear
 from .ops.ia3 import ia3_linear
-from .nn.ia3 import IA3Linear
-from .nn.bitfit import bitfit
+from .ops.adapter import bottleneck_adapter
+from .ops.fusion import adapter_fusion
 from .ops.prefix_attention import prefix_attention
-from .nn.prefix import PrefixEncoder
-from .integrations import accelerate, deaccelerate  # lazy: peft is imported on first call
-from .integrations import BottleneckConfig, FusionConfig, add_adapter, load_adapter, save_adapter, set_active_adapters, train_adapter
 from .ops.unipelt import gated_lora_linear
+
+# modules
+from .nn.lora import LoraLinear
+from .nn.ia3 import IA3Linear
+from .nn.adapter import BottleneckAdapter
+from .nn.fusion import AdapterFusion
+from .nn.prefix import PrefixEncoder
 from .nn.unipelt import GatedBottleneckAdapter, GatedLoraLinear, GatedPrefix, UniPELT, UniPELTConfig, UniPELTLayer
+from .nn.bitfit import bitfit
+
+# models: HF PEFT acceleration, native injection, checkpoints
+from .integrations import (BottleneckConfig, FusionConfig, accelerate, add_adapter, deaccelerate, load_adapter,
+                           save_adapter, set_active_adapters, train_adapter)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "accelerate",
-    "add_adapter",
-    "set_active_adapters",
-    "train_adapter",
-    "save_adapter",
-    "load_adapter",
-    "BottleneckConfig",
-    "FusionConfig",
-    "deaccelerate",
-    "ia3_linear",
-    "IA3Linear",
-    "bitfit",
-    "bottleneck_adapter",
-    "BottleneckAdapter",
-    "backend",
-    "dispatch_counts",
-    "reset_dispatch_counts",
-    "lora_linear",
-    "adapter_fusion",
-    "AdapterFusion",
-    "LoraLinear",
-    "prefix_attention",
-    "PrefixEncoder",
-    "gated_lora_linear",
-    "GatedLoraLinear",
-    "GatedBottleneckAdapter",
-    "GatedPrefix",
-    "UniPELT",
-    "UniPELTConfig",
-    "UniPELTLayer",
+    "backend", "dispatch_counts", "reset_dispatch_counts",
+    "lora_linear", "ia3_linear", "bottleneck_adapter", "adapter_fusion", "prefix_attention", "gated_lora_linear",
+    "LoraLinear", "IA3Linear", "BottleneckAdapter", "AdapterFusion", "PrefixEncoder",
+    "GatedLoraLinear", "GatedBottleneckAdapter", "GatedPrefix", "UniPELT", "UniPELTConfig", "UniPELTLayer", "bitfit",
+    "accelerate", "deaccelerate", "add_adapter", "set_active_adapters", "train_adapter", "save_adapter",
+    "load_adapter", "BottleneckConfig", "FusionConfig",
 ]
