@@ -5,7 +5,7 @@
 Forward: S = drop(x) A^T ([T, r], fp32, saved) and one GEMM whose epilogue adds
 gate * scaling * S B^T to the same accumulator; up to 64 rows S is made inside that GEMM
 (one launch), above it by one skinny pass over x first.
-Backward (algebra beside each launch in ``_lora_bwd``): one pass over dY gives dY B and dB;
+Backward (algebra beside each launch in ``lora_bwd``): one pass over dY gives dY B and dB;
 one pass over x gives dA; one GEMM gives dx = dY W + drop'(dS A). Every intermediate is
 rank r; the dropout mask is regenerated from the seed, never stored.
 """
