@@ -36,6 +36,19 @@ import triton.language as tl
 
 
 @triton.jit
+def _online_softmax_step(s, vt, m_i, l_i, acc, v_scale, PRECISION: tl.constexpr):
+    """Fold one block of log2-domain scores s [M, N] and values vt [N, D] (their
+    contribution scaled by v_scale: the prefix value gate, or 1) into the running row max
+    m_i, row sum l_i and output accumulator acc."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION) * v_scale
+    return m_new, l_i, acc
+
+
+@triton.jit
 def prefix_attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, gate_ptr, mask_ptr, o_ptr, lse_ptr,
     T, L, D, HQ, GROUP, smb, sgb, sgt,
@@ -89,12 +102,7 @@ def prefix_attn_fwd_kernel(
             vt = vt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=PRECISION) * pre_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION) * gv[:, None]
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, vt, m_i, l_i, acc, gv[:, None], PRECISION)
 
     # 2) the sequence (causal: only key blocks that start at or before this query block ends).
     k_base = k_ptr + b * skb + hk * skh
@@ -121,12 +129,7 @@ def prefix_attn_fwd_kernel(
             keep = tl.load(mask_ptr + b * smb + rn64, mask=n_ok, other=0)
             s = tl.where(keep[None, :] != 0, s, float("-inf"))
         # m_i is finite here (every row saw >= 1 prefix key), so fully masked rows are safe.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, vt, m_i, l_i, acc, 1.0, PRECISION)
 
     out = acc / l_i[:, None]
     tl.store(o_ptr + b * sob + hq * soh + rm64[:, None] * sot + rd[None, :] * sod,
