@@ -4,7 +4,7 @@ Ops (functional, autograd-aware) and drop-in modules; every op equals the plain-
 formula in ``peftops.reference``. Dispatch: ``PEFTOPS_BACKEND`` = auto | triton | reference.
 Importing peftops imports neither triton nor peft (both load on first use).
 """
-from ._dispatch import backend, dispatch_counts, reset_dispatch_counts
+from ._dispatch import backend, dispatch_counts, force_path, reset_dispatch_counts
 
 # ops (one per method)
 from .ops.lora import lora_linear
@@ -30,7 +30,7 @@ from .integrations import (BottleneckConfig, FusionConfig, accelerate, add_adapt
 __version__ = "0.1.0"
 
 __all__ = [
-    "backend", "dispatch_counts", "reset_dispatch_counts",
+    "backend", "dispatch_counts", "force_path", "reset_dispatch_counts",
     "lora_linear", "ia3_linear", "bottleneck_adapter", "adapter_fusion", "prefix_attention", "gated_lora_linear",
     "LoraLinear", "IA3Linear", "BottleneckAdapter", "AdapterFusion", "PrefixEncoder",
     "GatedLoraLinear", "GatedBottleneckAdapter", "GatedPrefix", "UniPELT", "UniPELTConfig", "UniPELTLayer", "bitfit",

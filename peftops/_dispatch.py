@@ -52,17 +52,23 @@ def use_triton(op: str, *tensors: torch.Tensor | None, unsupported: str | None =
     case is logged and counted as ``"<op>.fallback"`` and runs on the reference.
     """
     choice = backend()
-    present = [t for t in tensors if t is not None]
     if choice == "reference":
         _bump(f"{op}.reference")
         return False
-    on_cuda = bool(present) and all(t.is_cuda for t in present)
+    # Plain loops over the arguments, no truth value of a list: dynamo (torch 2.11) cannot
+    # trace ``bool(list_of_tensors)`` and breaks the graph there.
+    n_present = n_cuda = 0
+    for t in tensors:
+        if t is not None:
+            n_present += 1
+            n_cuda += int(t.is_cuda)
+    on_cuda = n_present > 0 and n_cuda == n_present
     if choice == "auto" and not on_cuda:
         _bump(f"{op}.reference")
         return False
     if not on_cuda:
-        devices = sorted({str(t.device) for t in present})
-        if any(t.is_cuda for t in present):
+        devices = sorted({str(t.device) for t in tensors if t is not None})
+        if n_cuda > 0:
             raise ValueError(f"{op}: tensors are on different devices {devices}")
         if not interpreting():
             raise RuntimeError(
@@ -76,6 +82,66 @@ def use_triton(op: str, *tensors: torch.Tensor | None, unsupported: str | None =
         return False
     _bump(f"{op}.triton")
     return True
+
+
+class PathTable:
+    """Which implementation of an op runs, by shape: one readable table per op.
+
+    On CUDA the first row whose rule holds for the call's shape wins; each row names the
+    measurement behind it (DESIGN.md, Dispatch: our own kernel only where it beats the best
+    composition of vendor kernels). In Triton's CPU interpreter the default is ``default``
+    (normally the op's own kernel, the thing the interpreter is there to prove). Tests and
+    benches force a path with ``PEFTOPS_PATH_<OP>=<path>`` (e.g. ``PEFTOPS_PATH_LORA=cublas``)
+    or ``force_path``. The choice is counted as ``"<op>.path:<path>"``.
+
+    A rule is a function of the shape keywords the op passes to ``pick``; shapes are plain
+    ints, so the choice traces under torch.compile (it becomes a guard, not a graph break).
+    """
+
+    def __init__(self, op: str, paths: tuple[str, ...], default: str, rows: list[tuple]):
+        self.op, self.paths, self.default = op, paths, default
+        for rule, path, _evidence in rows:
+            if path not in paths:
+                raise ValueError(f"{op}: table row picks unknown path {path!r} (paths: {paths})")
+        if default not in paths:
+            raise ValueError(f"{op}: default path {default!r} not in {paths}")
+        self.rows = rows
+
+    def forced(self) -> str | None:
+        name = os.environ.get(f"PEFTOPS_PATH_{self.op.upper()}", "").strip().lower()
+        if name and name not in self.paths:
+            raise ValueError(f"PEFTOPS_PATH_{self.op.upper()}={name!r}: expected one of {self.paths}")
+        return name or None
+
+    def pick(self, on_cuda: bool, **shape) -> str:
+        path = self.forced()
+        if path is None:
+            path = self.default
+            if on_cuda:
+                for rule, row_path, _evidence in self.rows:
+                    if rule(**shape):
+                        path = row_path
+                        break
+        _bump(f"{self.op}.path:{path}")
+        return path
+
+
+class force_path:
+    """``with force_path("lora", "kernel"): ...`` runs ``lora`` on that path (tests, bench)."""
+
+    def __init__(self, op: str, path: str):
+        self.key, self.path, self.prev = f"PEFTOPS_PATH_{op.upper()}", path, None
+
+    def __enter__(self):
+        self.prev = os.environ.get(self.key)
+        os.environ[self.key] = self.path
+        return self
+
+    def __exit__(self, *exc):
+        if self.prev is None:
+            os.environ.pop(self.key, None)
+        else:
+            os.environ[self.key] = self.prev
 
 
 def record_launch(kernel: str) -> None:
