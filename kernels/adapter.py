@@ -35,10 +35,9 @@ import triton.language as tl
 # Activation ids (constexpr): the host maps names to these.
 RELU, GELU, GELU_TANH, SILU = 0, 1, 2, 3
 
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_SQRT_2_OVER_PI = 0.7978845608028654
-_GELU_C = 0.044715
+# GELU constants are literals inside the jit functions below: a plain module-level float
+# compiles in the interpreter but not on a GPU, and a tl.constexpr global does not mix with
+# tiles in the interpreter. sqrt(1/2), 1/sqrt(2 pi), sqrt(2/pi), tanh-GELU's cubic term.
 
 
 @triton.jit
@@ -53,9 +52,9 @@ def _act(z, ACT: tl.constexpr):
     if ACT == 0:
         return tl.maximum(z, 0.0)
     elif ACT == 1:
-        return 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
+        return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACT == 2:
-        return 0.5 * z * (1.0 + _tanh(_SQRT_2_OVER_PI * (z + _GELU_C * z * z * z)))
+        return 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
     else:
         return z * tl.sigmoid(z)
 
@@ -66,10 +65,10 @@ def _act_grad(z, ACT: tl.constexpr):
     if ACT == 0:
         return tl.where(z > 0.0, 1.0, 0.0)
     elif ACT == 1:
-        return 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2)) + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+        return 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
     elif ACT == 2:
-        t = _tanh(_SQRT_2_OVER_PI * (z + _GELU_C * z * z * z))
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * z * z)
+        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
     else:
         sg = tl.sigmoid(z)
         return sg * (1.0 + z * (1.0 - sg))
