@@ -1,171 +1,267 @@
-"""``python -m peftops compile-check``: compile every kernel variant the ops launch, at their
-GPU launch configs, for a Hopper GPU (sm_90) -- without a GPU.
+"""``python -m peftops compile-check``: compile every kernel variant the test suite launches,
+as a GPU would, for sm_90 (H100/H200) and sm_80 (A100) -- without a GPU -- and read what the
+GPU will do from each cubin: registers, spill bytes, shared memory, wgmma.
 
-Triton's CPU interpreter is laxer than its GPU compiler (tl.dot shapes, block shapes,
-shared memory), so a kernel that passes the CPU tests can still fail to compile on an H100.
-This check closes that gap on a CPU machine:
+Triton's CPU interpreter is laxer than its GPU compiler (tl.dot shapes, non-constexpr
+globals, shared memory) and says nothing about registers, so a kernel can pass every CPU
+test and still fail to compile, or spill and run 7x slower, on an H100 (shared/PERF.md).
 
-1. record: run every bench case at small shapes in the interpreter with
-   ``PEFTOPS_GPU_CONFIGS=1`` (launchers pick their GPU block sizes), recording each launch:
-   kernel, argument types, constexprs, num_warps, num_stages;
-2. compile: in a fresh process without the interpreter, ``triton.compile`` each distinct
-   variant for ``GPUTarget("cuda", arch, 32)`` down to a cubin with Triton's own ptxas.
+1. record: the test suite, run in the interpreter, records each distinct launch (kernel,
+   argument kinds and integer values, constexprs, num_warps, num_stages) through the pytest
+   plugin ``peftops.launch_log`` (tests/conftest.py loads it) into ``build/launches/``;
+   launchers use their GPU launch configs there (tests set ``PEFTOPS_GPU_CONFIGS=1``).
+   Without a fresh record of a full, passing run, this command runs the suite itself.
+2. specialise: each launch is bound by Triton's own launcher code
+   (``create_function_from_signature`` + ``JITFunction._pack_args``) at *real* shapes:
+   pointers 16-byte aligned, integers equal to 1 (unit strides, r = 1, one row) stay 1
+   and become constexprs, every other integer is taken as a multiple of 16 (the
+   ``tt.divisibility`` 16 a launch at 4096-sized shapes gets). Odd test shapes thus stand
+   for the real-shape variant of the same code path.
+3. compile each distinct specialisation for each arch down to a cubin with Triton's ptxas,
+   and read ``cuobjdump -res-usage`` (REG, STACK = spill/stack bytes, SHARED) and whether
+   the PTX uses wgmma.
 
-It proves the kernels *compile* for Hopper (and reports their shared memory); it says
-nothing about their speed or about run-time faults.
+Fails (exit 1) on a compile error, on any stack (spill) bytes in a bf16 / fp16 variant
+(fp32 spills are reported, not fatal) and on shared memory over the arch's limit. Writes
+one table per kernel and ``build/compile_check.json``. It matched a real H100 on the
+spills it was built to catch (PERF.md); it proves nothing about run-time speed.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import glob
 import importlib
-import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
 
-_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "int64": "i64",
-          "int32": "i32", "int8": "i8", "uint8": "u8", "bool": "i1"}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH_DIR = os.path.join(REPO, "build", "launches")
+# Dynamic shared memory a block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+SHARED_LIMIT = {90: 232448, 80: 166912}
+HALF = ("*bf16", "*fp16")
 
 
-def _arg_type(value) -> str:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return "*" + _TYPES[str(value.dtype).replace("torch.", "")]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -(2**31) <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"cannot type launch argument {value!r}")
-
-
-def record(methods: list[str], dtypes: list[str]) -> list[dict]:
-    """Run the bench cases in the interpreter at GPU configs; return the distinct launches."""
-    assert os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("PEFTOPS_GPU_CONFIGS") == "1"
-    import torch
-    from triton.runtime.interpreter import InterpretedFunction
-
-    from .benchmarks.run import load_cases
-
+# ----------------------------------------------------------------- 1. the recorded launches
+def load_record(directory: str = LAUNCH_DIR) -> tuple[list[dict], dict | None]:
+    """The launches a test run recorded, deduplicated, and that run's manifest."""
+    manifest = None
+    path = os.path.join(directory, "manifest.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            manifest = json.load(f)
     seen: dict[str, dict] = {}
-    original = InterpretedFunction.run
+    for part in sorted(glob.glob(os.path.join(directory, "launches-*.json"))):
+        with open(part) as f:
+            for rec in json.load(f):
+                seen.setdefault(json.dumps(rec, sort_keys=True), rec)
+    return list(seen.values()), manifest
 
-    def spy(self, *args, grid, warmup, **kwargs):
-        fn = self.fn
-        params = list(inspect.signature(fn).parameters.values())
-        names = [p.name for p in params]
-        const = {p.name for p in params if "constexpr" in str(p.annotation)}
-        defaults = {p.name: p.default for p in params}
-        bound = dict(zip(names, args))
-        bound.update({k: v for k, v in kwargs.items() if k in names})
-        sig, constexprs = {}, {}
-        for i, name in enumerate(names):
-            if name in const:
-                value = bound.get(name, defaults[name])
-                constexprs[name] = getattr(value, "value", value)
-                sig[name] = "constexpr"
-            else:
-                value = bound[name]
-                if value is None:
-                    sig[name] = "constexpr"
-                    constexprs[name] = None
-                else:
-                    sig[name] = _arg_type(value)
-        if "UPCAST" in constexprs:  # the interpreter's bf16 workaround; a GPU runs real bf16 dots
-            constexprs["UPCAST"] = False
-        opts = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
-        rec = {"module": fn.__module__, "name": fn.__name__, "signature": sig, "constexprs": constexprs,
-               "options": opts}
-        seen.setdefault(json.dumps(rec, sort_keys=True, default=str), rec)
-        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
 
-    InterpretedFunction.run = spy
-    try:
-        for dt in dtypes:
-            dtype = getattr(torch, dt)
-            for case in load_cases(methods, torch.device("cpu"), dtype, small=True):
-                for build in case.providers.values():
-                    try:
-                        build()()
-                    except Exception as exc:  # a provider that fails at small shapes is reported by the tests
-                        print(f"  ({case.op} {dt}: {type(exc).__name__}: {exc})", file=sys.stderr)
-    finally:
-        InterpretedFunction.run = original
-    return list(seen.values())
+def record_is_fresh(manifest: dict | None) -> str | None:
+    """None if the record stands for the current code and a full passing run, else why not."""
+    if manifest is None:
+        return "no recorded test run"
+    if not manifest.get("full"):
+        return f"the recorded run was partial (pytest args {manifest.get('args')})"
+    if manifest.get("exitstatus") != 0:
+        return f"the recorded run did not pass (exit {manifest.get('exitstatus')})"
+    if not manifest.get("gpu_configs"):
+        return "the recorded run used the interpreter launch configs, not the GPU ones"
+    newest = max((os.path.getmtime(p) for d in ("kernels", "peftops", "tests")
+                  for p in glob.glob(os.path.join(REPO, d, "**", "*.py"), recursive=True)), default=0.0)
+    if newest > manifest.get("finished", 0.0):
+        return "code changed after the recorded run"
+    return None
+
+
+def run_suite_recording(jobs: int) -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1", PEFTOPS_BACKEND="triton", PEFTOPS_GPU_CONFIGS="1",
+               PEFTOPS_TEST_DEVICE="cpu")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"]
+    if jobs > 1:
+        cmd[3:3] = ["-n", str(jobs)]
+    print("recording launches: " + " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, cwd=REPO, env=env, check=True)
+
+
+# ----------------------------------------------------------------- 2. specialisation
+def _real_shape_int(v: int) -> int:
+    """An integer as a launch at real (multiple-of-16) shapes sees it: 1 stays 1 (Triton
+    makes it a constexpr), anything else becomes a multiple of 16 of the same magnitude."""
+    if v == 1 or v % 16 == 0:
+        return v
+    up = v + 16 - v % 16
+    return up if up < 2**31 or v >= 2**31 else v - v % 16
+
+
+def specialise(rec: dict, arch: int):
+    """(fn, signature, constexprs, attrs, options) exactly as Triton's launcher would build
+    them for this launch at real shapes on ``arch``."""
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import MockTensor, create_function_from_signature
+
+    fn = getattr(importlib.import_module(rec["module"]), rec["name"])
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    args = []
+    for kind, value in rec["args"]:
+        if kind == "tensor":
+            args.append(MockTensor(getattr(torch, value)))  # data_ptr 0: 16-byte aligned
+        elif kind == "int":
+            args.append(_real_shape_int(value))
+        else:  # float, bool, None, constexpr: as launched
+            args.append(value)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, options = binder(*args, **rec["options"])
+    options, signature, constexprs, attrs = fn._pack_args(backend, dict(rec["options"]), bound, spec, options)
+    return fn, signature, constexprs, attrs, options, target
+
+
+def _spec_key(rec: dict, arch: int) -> str:
+    _, signature, constexprs, attrs, options, _ = specialise(rec, arch)
+    return json.dumps([rec["module"], rec["name"], signature, sorted((str(k), repr(v)) for k, v in constexprs.items()),
+                       sorted((str(k), v) for k, v in attrs.items()), rec["options"], arch], sort_keys=True)
+
+
+# ----------------------------------------------------------------- 3. compile and read
+def _cuobjdump() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
 def compile_one(rec: dict, arch: int) -> dict:
     import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = getattr(importlib.import_module(rec["module"]), rec["name"])
-    names = list(rec["signature"])
-    constexprs = {(names.index(k),): v for k, v in rec["constexprs"].items()}
+    out = {"kernel": rec["name"], "module": rec["module"], "arch": arch, "options": rec["options"],
+           "constexprs": {k: v for k, v in rec["constexprs"].items() if isinstance(v, (int, bool, str, float))},
+           "dtypes": sorted({v for k, v in rec["args"] if k == "tensor"})}
     t0 = time.perf_counter()
     try:
-        kernel = triton.compile(ASTSource(fn, rec["signature"], constexprs), target=GPUTarget("cuda", arch, 32),
-                                options=rec["options"])
-        return {**rec, "ok": True, "shared": kernel.metadata.shared, "seconds": time.perf_counter() - t0}
-    except Exception as exc:
-        return {**rec, "ok": False, "error": f"{type(exc).__name__}: {str(exc)[-2000:]}",
-                "seconds": time.perf_counter() - t0}
+        fn, signature, constexprs, attrs, options, target = specialise(rec, arch)
+        out["signature"] = {k: v for k, v in signature.items() if v != "constexpr"}
+        kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(kernel.asm["cubin"])
+            f.flush()
+            res = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", res)
+        if m is None:
+            raise RuntimeError(f"cannot read cuobjdump -res-usage output: {res[-500:]}")
+        out.update(ok=True, regs=int(m.group(1)), stack=int(m.group(2)),
+                   shared=max(int(m.group(3)), int(kernel.metadata.shared)),
+                   wgmma="wgmma" in kernel.asm["ptx"])
+    except Exception as exc:  # reported per variant; the check fails on it
+        out.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[-1500:]}")
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    return out
 
 
-def _describe(rec: dict) -> str:
-    blocks = {k: v for k, v in rec["constexprs"].items() if k.isupper() and isinstance(v, (int, bool, str))}
-    ptrs = sorted({t for t in rec["signature"].values() if t.startswith("*")})
-    return f"{rec['name']} {','.join(ptrs)} {blocks} {rec['options']}"
+def verdict(res: dict) -> str | None:
+    """Why this variant fails the check (None: it passes)."""
+    if not res["ok"]:
+        return "compile error"
+    half = any(t in HALF for t in res.get("signature", {}).values())
+    if res["stack"] > 0 and half:
+        return f"spills {res['stack']} B in a half-precision variant"
+    if res["shared"] > SHARED_LIMIT[res["arch"]]:
+        return f"shared memory {res['shared']} B > sm_{res['arch']} limit {SHARED_LIMIT[res['arch']]} B"
+    return None
+
+
+def _blocks(res: dict) -> str:
+    keep = {k: v for k, v in res["constexprs"].items() if k.startswith("BLOCK") or k in ("GROUP_M",)}
+    return " ".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in keep.items())
+
+
+def _flags(res: dict) -> str:
+    return " ".join(k for k, v in res["constexprs"].items() if v is True and not k.startswith("BLOCK"))
+
+
+def print_tables(results: list[dict]) -> None:
+    from .benchmarks.core import table
+
+    for name in sorted({r["kernel"] for r in results}):
+        rows = []
+        for r in sorted((r for r in results if r["kernel"] == name),
+                        key=lambda r: (r["arch"], r["dtypes"], _blocks(r), _flags(r))):
+            why = verdict(r)
+            rows.append({"sm": r["arch"], "dtypes": ",".join(d.replace("float", "f").replace("bf16", "bf16")
+                                                             for d in r["dtypes"]),
+                         "tiles": _blocks(r), "warps/stages": f"{r['options'].get('num_warps')}/{r['options'].get('num_stages')}",
+                         "flags": _flags(r), "regs": r.get("regs"), "spill B": r.get("stack"),
+                         "smem KiB": None if r.get("shared") is None else round(r["shared"] / 1024, 1),
+                         "wgmma": {True: "yes", False: "no"}.get(r.get("wgmma")), "status": why or "ok"})
+        print(f"\n{name} ({len(rows)} variants)")
+        print(table(rows, [(k, k) for k in rows[0]]))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .benchmarks import METHODS
-
     parser = argparse.ArgumentParser(prog="python -m peftops compile-check", description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--dtypes", default="bfloat16,float16,float32")
-    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability (90 = H100/H200)")
+    parser.add_argument("--arch", default="90,80", help="compute capabilities, comma-separated (default 90,80)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--_record", help=argparse.SUPPRESS)
+    parser.add_argument("--record", default=LAUNCH_DIR, help="directory of a test run's launch record")
+    parser.add_argument("--rerecord", action="store_true", help="run the test suite to record, even if fresh")
+    parser.add_argument("--kernels", default="", help="only these kernel names (comma-separated)")
+    parser.add_argument("--json", default=os.path.join(REPO, "build", "compile_check.json"))
     args = parser.parse_args(argv)
-    methods = [m for m in args.methods.split(",") if m]
+    archs = [int(a) for a in args.arch.split(",") if a]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        os.environ.pop("TRITON_INTERPRET")  # compile as for a GPU (kernels are imported fresh below)
+        if any(m.startswith("peftops.kernels") for m in sys.modules):
+            raise SystemExit("compile-check must start in a process that has not loaded the kernels interpreted")
 
-    if args._record:  # child 1: the interpreter process
-        recs = record(methods, [d for d in args.dtypes.split(",") if d])
-        with open(args._record, "w") as f:
-            json.dump(recs, f, default=str)
-        return 0
+    recs, manifest = load_record(args.record)
+    stale = "asked to" if args.rerecord else record_is_fresh(manifest)
+    if stale:
+        print(f"launch record not usable ({stale}): running the test suite to record", flush=True)
+        run_suite_recording(args.jobs)
+        recs, manifest = load_record(args.record)
+        if record_is_fresh(manifest):
+            print(f"compile-check: the recording run is not usable: {record_is_fresh(manifest)}")
+            return 1
+    wanted = {k for k in args.kernels.split(",") if k}
+    recs = [r for r in recs if not wanted or r["name"] in wanted]
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "launches.json")
-        env = dict(os.environ, TRITON_INTERPRET="1", PEFTOPS_GPU_CONFIGS="1", PEFTOPS_BACKEND="triton")
-        print(f"recording launches ({', '.join(methods)}; {args.dtypes}) in the interpreter at GPU configs ...",
-              flush=True)
-        subprocess.run([sys.executable, "-m", "peftops", "compile-check", "--methods", args.methods,
-                        "--dtypes", args.dtypes, "--_record", path], env=env, check=True)
-        with open(path) as f:
-            recs = json.load(f)
-    os.environ.pop("TRITON_INTERPRET", None)
-    if "triton" in sys.modules and any(m.startswith("peftops.kernels") for m in sys.modules):
-        raise SystemExit("compile-check must start in a process that has not loaded the kernels interpreted")
-    print(f"compiling {len(recs)} kernel variants for sm_{args.arch} with {args.jobs} processes ...", flush=True)
-    failures = 0
+    t0 = time.perf_counter()
+    jobs: dict[str, tuple[dict, int]] = {}
+    for rec in recs:
+        for arch in archs:
+            jobs.setdefault(_spec_key(rec, arch), (rec, arch))
+    print(f"{len(recs)} recorded launch variants -> {len(jobs)} distinct real-shape specialisations over "
+          f"sm_{', sm_'.join(map(str, archs))}; compiling with {args.jobs} processes ...", flush=True)
+    results = []
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(compile_one, r, args.arch) for r in recs]
+        futures = [pool.submit(compile_one, rec, arch) for rec, arch in jobs.values()]
         for i, fut in enumerate(concurrent.futures.as_completed(futures), 1):
             res = fut.result()
-            status = f"ok  shared={res['shared']}B" if res["ok"] else "FAIL"
-            print(f"[{i}/{len(recs)}] {status} {res['seconds']:.0f}s  {_describe(res)}", flush=True)
-            if not res["ok"]:
-                failures += 1
-                print("    " + res["error"].replace("\n", "\n    "), flush=True)
-    print(f"\ncompile-check: {len(recs) - failures}/{len(recs)} variants compile for sm_{args.arch}")
+            results.append(res)
+            if i % 25 == 0 or not res["ok"]:
+                print(f"  [{i}/{len(jobs)}] {res['kernel']} sm_{res['arch']}: "
+                      f"{'ok' if res['ok'] else 'FAIL ' + res['error'][:300]}", flush=True)
+    print_tables(results)
+    failures = [(r, verdict(r)) for r in results if verdict(r)]
+    fp32_spills = [r for r in results if r["ok"] and r["stack"] > 0 and not verdict(r)]
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"archs": archs, "variants": results, "failures": len(failures),
+                   "record": manifest, "seconds": round(time.perf_counter() - t0, 1)}, f, indent=1, default=str)
+    print(f"\ncompile-check: {len(results)} specialisations, {len(failures)} failing, "
+          f"{len(fp32_spills)} fp32 variants with spills (reported, not fatal); "
+          f"{time.perf_counter() - t0:.0f}s; JSON: {os.path.relpath(args.json)}")
+    for r, why in failures:
+        print(f"  FAIL {r['kernel']} sm_{r['arch']} {','.join(r['dtypes'])} [{_blocks(r)}] {_flags(r)}: {why}")
+        if not r["ok"]:
+            print("       " + r["error"].strip().splitlines()[-1][:400])
     return 1 if failures else 0
 
 
