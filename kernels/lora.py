@@ -10,11 +10,15 @@ Backward  (W frozen; S = drop(x) A^T is saved, [T, r] fp32)
           dx  = dY W + drop'(dS A)                            [T, in]
           dg  = s * rowsum(dYB * S)                           [T]
 
-Two kernels cover all of it:
+Three kernels cover all of it:
 * ``lora_gemm_kernel``: out = X @ W (+ bias) + scale * rowscale * keep * (S @ E).
   Forward: X = x, W = weight^T, S = drop(x) A^T, E = B^T, rowscale = gate.
   Backward dx: X = dY, W = weight, S = dS, E = A, keep = the forward's dropout mask.
-  The rank-r term enters the same fp32 accumulator: no extra pass over [T, out].
+  One accumulator: after the X @ W main loop the rank-r term is BLOCK_R more K-steps of
+  the same MMA (rowscale and scale folded into S first). Only the dx dropout epilogue
+  needs the product on its own (the mask is elementwise on dS A).
+* ``lora_rank_add_kernel``: out += scale * rowscale * keep * (S @ E) in place, beside a
+  cuBLAS GEMM (the ``cublas`` path of peftops/ops/lora.py).
 * ``lora_skinny_kernel``: one pass over a [M, N] matrix X (x or dY) computing
   P1 = drop(X) @ E   ([M, r], partial over column splits) and/or
   P2 = drop(X)^T @ F ([N, r], partial per row block).
@@ -97,26 +101,74 @@ def lora_gemm_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    # Epilogue: the rank-r term, S [BLOCK_M, r] @ E [r, BLOCK_N], r padded to BLOCK_R >= 16.
+    # The rank-r term, S [BLOCK_M, r] @ E [r, BLOCK_N] (r padded to BLOCK_R >= 16), with the
+    # row gate and the scaling folded into S first (a [BLOCK_M, BLOCK_R] multiply, not a
+    # [BLOCK_M, BLOCK_N] one).
     s_ptrs = s_ptr + rm_in[:, None] * stride_sm + rr[None, :] * stride_sr
     if FUSE_S:
         if pid_n == 0:
             tl.store(s_ptrs, s, mask=(rm[:, None] < M) & (rr[None, :] < R))
     else:
         s = tl.load(s_ptrs, mask=rr[None, :] < R, other=0.0).to(tl.float32)
-    e = tl.load(e_ptr + rr[:, None] * stride_er + rn_in[None, :].to(tl.int64) * stride_en,
-                mask=rr[:, None] < R, other=0.0).to(tl.float32)
-    low = tl.dot(s, e, input_precision=EPI_PRECISION) * scale
+    s = s * scale
     if HAS_ROWSCALE:
-        low = low * tl.load(rowscale_ptr + rm_in).to(tl.float32)[:, None]
+        s = s * tl.load(rowscale_ptr + rm_in).to(tl.float32)[:, None]
+    e = tl.load(e_ptr + rr[:, None] * stride_er + rn_in[None, :].to(tl.int64) * stride_en,
+                mask=rr[:, None] < R, other=0.0)
     if DROP_EPI:
-        low = _dropout(low, rm_in, rn, N, seed, p, inv_keep)
-    acc += low
+        # dx with dropout: the mask acts elementwise on (dS A), so this product needs its own
+        # tile before it joins the accumulator (launch configs keep the pair spill-free).
+        low = tl.dot(s, e.to(tl.float32), input_precision=EPI_PRECISION)
+        acc += _dropout(low, rm_in, rn, N, seed, p, inv_keep)
+    else:
+        # One accumulator: BLOCK_R more K-steps of the same MMA, operands in the main loop's
+        # dtype (S rounded to it, as the eager formula rounds x A^T; fp32 adapters cast here).
+        if UPCAST:
+            acc = tl.dot(s, e.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            op_ty = x_ptr.dtype.element_ty
+            acc = tl.dot(s.to(op_ty), e.to(op_ty), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
 
     out_ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def lora_rank_add_kernel(
+    out_ptr, s_ptr, e_ptr, rowscale_ptr,
+    M, N, R,
+    stride_om, stride_sm, stride_sr, stride_er, stride_en,
+    scale, seed, p, inv_keep,
+    HAS_ROWSCALE: tl.constexpr, DROPOUT: tl.constexpr, EPI_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # out += scale * rowscale * drop(S @ E), in place: the small fused kernel beside a cuBLAS
+    # GEMM (the ``cublas`` path). One read and one write of out; S [M, r] fp32, E [r, N] in
+    # any float dtype (fp32 adapters over a half base are read as they are). Unit column
+    # stride for out (the launcher makes sure).
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R)
+    m_ok = rm < M
+    n_ok = rn < N
+    rm64 = rm.to(tl.int64)
+    s = tl.load(s_ptr + rm64[:, None] * stride_sm + rr[None, :] * stride_sr,
+                mask=m_ok[:, None] & (rr[None, :] < R), other=0.0).to(tl.float32) * scale
+    if HAS_ROWSCALE:
+        s = s * tl.load(rowscale_ptr + rm, mask=m_ok, other=0.0).to(tl.float32)[:, None]
+    e = tl.load(e_ptr + rr[:, None] * stride_er + rn[None, :].to(tl.int64) * stride_en,
+                mask=(rr[:, None] < R) & n_ok[None, :], other=0.0).to(tl.float32)
+    low = tl.dot(s, e, input_precision=EPI_PRECISION)
+    if DROPOUT:
+        low = _dropout(low, rm, rn, N, seed, p, inv_keep)
+    out_ptrs = out_ptr + rm64[:, None] * stride_om + rn[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    out = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, (out + low).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -173,19 +225,32 @@ def lora_skinny_kernel(
 FUSE_S_MAX_ROWS = 64
 
 
-def gemm_config(M, N, K, interpret):
-    """Launch config for ``lora_gemm_kernel`` (a heuristics table by row count).
+def gemm_config(M, N, K, interpret, drop_epi=False):
+    """Launch config for ``lora_gemm_kernel`` by row count (compile-check: no spills).
 
-    GPU values follow the usual Hopper bf16 choices (128x256x64 tiles, 8 warps, 3 stages
-    for large M; narrow row tiles for decode). Not yet tuned on a lent GPU.
+    Large M: 128x256x64 tiles, 8 warps, 3 stages (wgmma; one fp32 accumulator of 128
+    registers a thread). The dropout epilogue of dx keeps a second [BLOCK_M, BLOCK_N] tile,
+    so it runs 128x128. Up to 64 rows (decode) the GEMM streams W once: narrow column tiles
+    give one program per 32 columns (128 programs at N = 4096) and deep K tiles keep loads
+    in flight. Not yet tuned on a lent GPU (bench: ``peftops[kernel]``).
     """
     if interpret:  # few, large programs: the interpreter's cost is per program and op
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)
-    if M <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+    if M <= 64:
+        return dict(BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=32, BLOCK_K=128, GROUP_M=1,
+                    num_warps=4, num_stages=4)
     if M <= 256:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+    if drop_epi:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def rank_add_config(M, N, interpret):
+    """Launch config for ``lora_rank_add_kernel`` (memory-bound: one read + one write of out)."""
+    if interpret:
+        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4)
+    return dict(BLOCK_M=64, BLOCK_N=128, num_warps=4)
 
 
 def skinny_config(M, N, want_programs, interpret):

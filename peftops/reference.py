@@ -35,10 +35,12 @@ def lora_linear(
         xd = F.dropout(x, dropout_p, training=True)
     else:
         xd = x
-    low = F.linear(F.linear(xd, lora_A), lora_B) * scaling
+    # Adapters in another dtype than x (fp32 adapters over a half base, peft's default):
+    # the branch runs in the adapters' dtype, as peft's layer does, and returns in y's.
+    low = F.linear(F.linear(xd.to(lora_A.dtype), lora_A), lora_B) * scaling
     if gate is not None:
         low = low * gate
-    return y + low
+    return y + low.to(y.dtype)
 
 
 def lora_merge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -2,22 +2,35 @@
 
     y = x W^T + b + gate * scaling * (drop(x) A^T) B^T
 
-Forward: S = drop(x) A^T ([T, r], fp32, saved) and one GEMM whose epilogue adds
-gate * scaling * S B^T to the same accumulator; up to 64 rows S is made inside that GEMM
-(one launch), above it by one skinny pass over x first.
+Two paths, picked per shape by ``PATHS`` (DESIGN.md, Dispatch), both exact:
+* ``kernel``: S = drop(x) A^T ([T, r] fp32, saved) and one Triton GEMM whose single fp32
+  accumulator takes the rank-r term as BLOCK_R more K-steps; up to 64 rows S is made
+  inside that GEMM (one launch), above it by one skinny pass over x first.
+* ``cublas``: the frozen GEMM on cuBLAS (``F.linear``, bias in its epilogue), S by the same
+  skinny pass, and one small fused kernel adding gate * scaling * S B^T into y in place.
 Backward (algebra beside each launch in ``lora_bwd``): one pass over dY gives dY B and dB;
-one pass over x gives dA; one GEMM gives dx = dY W + drop'(dS A). Every intermediate is
-rank r; the dropout mask is regenerated from the seed, never stored.
+one pass over x gives dA; dx = dY W + drop'(dS A) by our GEMM (``kernel``) or by cuBLAS +
+the in-place rank-r add (``cublas``). Every intermediate is rank r; the dropout mask is
+regenerated from the seed, never stored. Adapters may be fp32 over a half base (peft's
+default): the kernels read them as they are, no per-call casts, and return fp32 grads.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import _checks, reference
-from .._dispatch import record_launch, use_triton
+from .._dispatch import PathTable, record_launch, use_triton
 from .._launch import cpu_configs, dot_precision, empty, kernels, new_seed, next_pow2, num_sms, rows, upcast_dots
 
-__all__ = ["lora_linear"]
+__all__ = ["lora_linear", "PATHS"]
+
+# Which path runs on CUDA, first matching row wins (shapes: T rows, d_in, d_out, r).
+PATHS = PathTable("lora", paths=("kernel", "cublas"), default="kernel", rows=[
+    (lambda **_: True, "cublas",
+     "H100 2026-11-23 (shared/PERF.md): cuBLAS base GEMM + rank-r add = 1.47x / 1.43x / 1.22x the base "
+     "GEMM at T = 16 / 512 / 8192; our GEMM then (two accumulators, 664 B spills) 7.7-10x. The "
+     "single-accumulator kernel is unmeasured: bench provider peftops[kernel] decides when it moves here."),
+])
 
 
 def lora_linear(
@@ -44,7 +57,9 @@ def lora_linear(
     if not use_triton("lora", x, weight, bias, lora_A, lora_B, gate, unsupported=unsupported):
         return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=dropout_p, gate=gate)
     seed = new_seed() if dropout_p > 0.0 else None
-    return _LoraLinearFn.apply(x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed)
+    path = PATHS.pick(x.is_cuda, T=x.numel() // max(x.shape[-1], 1), d_in=weight.shape[1], d_out=weight.shape[0],
+                      r=lora_A.shape[0])
+    return _LoraLinearFn.apply(x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed, path)
 
 
 def _check(x, weight, bias, lora_A, lora_B, scaling, dropout_p, gate):
@@ -67,7 +82,11 @@ def _check(x, weight, bias, lora_A, lora_B, scaling, dropout_p, gate):
         raise ValueError(f"lora_A has shape {tuple(lora_A.shape)} but weight {tuple(weight.shape)} needs [r, {in_f}]")
     if tuple(lora_B.shape) != (out_f, r):
         raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}, expected [{out_f}, {r}] for weight {tuple(weight.shape)} and lora_A {tuple(lora_A.shape)}")
-    _checks.same_dtype("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    _checks.same_dtype("x", x, weight=weight, bias=bias)
+    _checks.same_dtype("lora_A", lora_A, lora_B=lora_B)
+    if lora_A.dtype != x.dtype and not (lora_A.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+        raise TypeError(f"lora_A / lora_B have dtype {lora_A.dtype} but x has {x.dtype}: adapters must be in x's "
+                        "dtype, or float32 over a float16 / bfloat16 x")
     _checks.same_device("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
     _checks.gate("gate", gate, (*x.shape[:-1], 1), x)
     return _checks.finite_scalar("scaling", scaling), _checks.probability("dropout_p", dropout_p)
@@ -75,13 +94,13 @@ def _check(x, weight, bias, lora_A, lora_B, scaling, dropout_p, gate):
 
 class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed, path):
         lead = x.shape[:-1]
         x2 = rows(x)
         g = None if gate is None else gate.detach().expand(*lead, 1).reshape(-1).float().contiguous()
-        y2, s = lora_fwd(x2, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed)
+        y2, s = lora_fwd(x2, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed, path)
         ctx.save_for_backward(x2, weight, lora_A, lora_B, s, g, seed)
-        ctx.scaling, ctx.dropout_p, ctx.lead = scaling, dropout_p, lead
+        ctx.scaling, ctx.dropout_p, ctx.lead, ctx.path = scaling, dropout_p, lead, path
         ctx.gate_shape = None if gate is None else gate.shape
         ctx.gate_dtype = None if gate is None else gate.dtype
         return y2.view(*lead, weight.shape[0])
@@ -91,7 +110,8 @@ class _LoraLinearFn(torch.autograd.Function):
         x2, weight, lora_A, lora_B, s, g, seed = ctx.saved_tensors
         need_x, need_w, need_b, need_a, need_bb, need_g = ctx.needs_input_grad[:6]
         dy2 = rows(dy)
-        dx2, d_a, d_b, dg = lora_bwd(dy2, x2, weight, lora_A, lora_B, s, g, ctx.scaling, ctx.dropout_p, seed, need_x)
+        dx2, d_a, d_b, dg = lora_bwd(dy2, x2, weight, lora_A, lora_B, s, g, ctx.scaling, ctx.dropout_p, seed, need_x,
+                                     ctx.path)
         dx = dx2.view(*ctx.lead, x2.shape[1]) if need_x else None
         # A trainable base: dW = dY^T x (no dropout on the base branch), db = sum_t dY.
         dw = (dy2.t() @ x2).to(weight.dtype) if need_w else None
@@ -99,7 +119,7 @@ class _LoraLinearFn(torch.autograd.Function):
         dgate = None
         if need_g:
             dgate = dg.view(*ctx.lead, 1).sum_to_size(ctx.gate_shape).to(ctx.gate_dtype)
-        return dx, dw, db, (d_a if need_a else None), (d_b if need_bb else None), dgate, None, None, None
+        return dx, dw, db, (d_a if need_a else None), (d_b if need_bb else None), dgate, None, None, None, None
 
 
 # ------------------------------------------------------------------------ launchers
@@ -142,7 +162,7 @@ def _gemm(x, w, bias, s, e, rowscale, scale, out_dtype, *, seed=None, p=0.0, fus
     N = w.shape[1]
     R = s.shape[1]
     out = empty((M, N), out_dtype, x.device)
-    cfg = k.gemm_config(M, N, K, cpu_configs(x))
+    cfg = k.gemm_config(M, N, K, cpu_configs(x), drop_epi=fuse_a is None and seed is not None)
     grid = (-(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"]),)
     epi = "tf32" if x.dtype != torch.float32 else dot_precision(x.dtype)
     fuse = fuse_a is not None
@@ -164,29 +184,53 @@ def _gemm(x, w, bias, s, e, rowscale, scale, out_dtype, *, seed=None, p=0.0, fus
     return out
 
 
+def _rank_add(out, s, e, rowscale, scale, *, seed=None, p=0.0):
+    """``out += scale * rowscale * drop(s @ e)`` in place; out ``[M, N]`` with unit column
+    stride (cuBLAS output), s ``[M, r]`` fp32, e ``[r, N]`` any strides and float dtype."""
+    k = kernels("lora")
+    M, N = out.shape
+    R = s.shape[1]
+    assert out.stride(1) == 1, "rank-r add needs a unit column stride"
+    cfg = k.rank_add_config(M, N, cpu_configs(out))
+    k.lora_rank_add_kernel[(-(-M // cfg["BLOCK_M"]), -(-N // cfg["BLOCK_N"]))](
+        out, s, e, rowscale if rowscale is not None else s,
+        M, N, R, out.stride(0), s.stride(0), s.stride(1), e.stride(0), e.stride(1),
+        scale, int(seed) if seed is not None else 0, p, 1.0 / (1.0 - p),
+        HAS_ROWSCALE=rowscale is not None, DROPOUT=seed is not None,
+        EPI_PRECISION="tf32" if out.dtype != torch.float32 else dot_precision(out.dtype),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=next_pow2(R), num_warps=cfg["num_warps"],
+    )
+    record_launch("lora_rank_add")
+    return out
+
+
 @torch.library.custom_op("peftops::lora_fwd", mutates_args=())
 def lora_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
     lora_B: torch.Tensor, gate: torch.Tensor | None, scaling: float, dropout_p: float,
-    seed: torch.Tensor | None,
+    seed: torch.Tensor | None, path: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused forward on 2-D x: returns (y [T, out], S = drop(x) A^T [T, r] fp32)."""
+    """Forward on 2-D x: returns (y [T, out], S = drop(x) A^T [T, r] fp32)."""
     T, r = x.shape[0], lora_A.shape[0]
     if T == 0:
         return x.new_empty((0, weight.shape[0])), x.new_empty((0, r), dtype=torch.float32)
-    seed_v = None if seed is None else int(seed.item())
-    if T <= kernels("lora").FUSE_S_MAX_ROWS:                                     # one launch: S made in the GEMM
+    seed_v = None if seed is None else int(seed.item())                          # a CPU tensor: no device sync
+    if path == "kernel" and T <= kernels("lora").FUSE_S_MAX_ROWS:                # one launch: S made in the GEMM
         s = empty((T, r), torch.float32, x.device)
         y = _gemm(x, weight.t(), bias, s, lora_B.t(), gate, scaling, x.dtype, seed=seed_v, p=dropout_p,
                   fuse_a=lora_A)
         return y, s
     s, _ = _skinny(x, e=lora_A.t(), seed=seed_v, p=dropout_p)                    # S = drop(x) A^T
-    y = _gemm(x, weight.t(), bias, s, lora_B.t(), gate, scaling, x.dtype)        # y = x W^T + b + g s S B^T
+    if path == "kernel":
+        y = _gemm(x, weight.t(), bias, s, lora_B.t(), gate, scaling, x.dtype)    # y = x W^T + b + g s S B^T
+    else:
+        y = torch.nn.functional.linear(x, weight, bias)                          # y = x W^T + b    (cuBLAS)
+        _rank_add(y, s, lora_B.t(), gate, scaling)                               # y += g s S B^T   (in place)
     return y, s
 
 
 @lora_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed):
+def _(x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed, path):
     return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
 
 
@@ -194,27 +238,30 @@ def _(x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed):
 def lora_bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     s: torch.Tensor, gate: torch.Tensor | None, scaling: float, dropout_p: float,
-    seed: torch.Tensor | None, need_dx: bool,
+    seed: torch.Tensor | None, need_dx: bool, path: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused backward with W frozen: (dx or an empty tensor, dA, dB, dgate per row [T] fp32)."""
+    """Backward with W frozen: (dx or an empty tensor, dA, dB, dgate per row [T] fp32)."""
     T, r = x.shape[0], lora_A.shape[0]
     if T == 0:
         dx = x.new_zeros(x.shape) if need_dx else x.new_empty(0)
         return dx, lora_A.new_zeros(lora_A.shape), lora_B.new_zeros(lora_B.shape), s.new_zeros(0)
     seed_v = None if seed is None else int(seed.item())
-    gs = torch.full((T,), scaling, dtype=torch.float32, device=x.device) if gate is None else gate * scaling
-    dyb, d_b = _skinny(dy, e=lora_B, f=s * gs[:, None])                          # dYB = dY B; dB = (g s dY)^T S
-    ds = dyb * gs[:, None]                                                       # dS = g s dY B          [T, r]
+    gs = scaling if gate is None else (gate * scaling)[:, None]                  # g s, per row or scalar
+    dyb, d_b = _skinny(dy, e=lora_B, f=s * gs)                                   # dYB = dY B; dB = (g s dY)^T S
+    ds = dyb * gs                                                                # dS = g s dY B          [T, r]
     dg = (dyb * s).sum(1) * scaling if gate is not None else s.new_zeros(0)      # dg = s <dY B, S>_r
     _, d_at = _skinny(x, f=ds, seed=seed_v, p=dropout_p)                         # dA^T = drop(x)^T dS
     dx = x.new_empty(0)
-    if need_dx:                                                                  # dx = dY W + drop'(dS A)
+    if need_dx and path == "kernel":                                             # dx = dY W + drop'(dS A)
         dx = _gemm(dy, weight, None, ds, lora_A, None, 1.0, x.dtype, seed=seed_v, p=dropout_p)
+    elif need_dx:
+        dx = torch.mm(dy, weight)                                                # dx = dY W          (cuBLAS)
+        _rank_add(dx, ds, lora_A, None, 1.0, seed=seed_v, p=dropout_p)           # dx += drop'(dS A)  (in place)
     return dx, d_at.t().to(lora_A.dtype).contiguous(), d_b.to(lora_B.dtype).contiguous(), dg
 
 
 @lora_bwd.register_fake
-def _(dy, x, weight, lora_A, lora_B, s, gate, scaling, dropout_p, seed, need_dx):
+def _(dy, x, weight, lora_A, lora_B, s, gate, scaling, dropout_p, seed, need_dx, path):
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
     dg = s.new_empty(x.shape[0]) if gate is not None else s.new_empty(0)
     return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape), dg

@@ -1,0 +1,121 @@
+"""LoRA's dispatch paths (peftops/ops/lora.py ``PATHS``): each path forced, output and every
+gradient vs the float64 reference; fp32 adapters over a half base on both paths; the table.
+
+tests/test_lora.py runs the default path of the test device; here every path runs on it."""
+import math
+
+import pytest
+import torch
+
+import peftops
+from peftops import reference
+from peftops.ops.lora import PATHS, dropout_mask
+from peftops._launch import new_seed
+from parity import BOUNDS, DEVICE, DTYPES, assert_close, copy_as, randn
+from test_lora import SHAPES, lora_args, run_parity
+
+PATH_NAMES = list(PATHS.paths)
+
+
+@pytest.fixture(params=PATH_NAMES)
+def path(request):
+    with peftops.force_path("lora", request.param):
+        yield request.param
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,n_in,n_out,r", SHAPES)
+def test_parity_shapes(path, lead, n_in, n_out, r, dtype):
+    run_parity(lora_args(lead, n_in, n_out, r), dtype)
+    assert peftops.dispatch_counts().get(f"lora.path:{path}") == 1
+
+
+@pytest.mark.parametrize("gate", ["token", "sample"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lead", [(3, 13), (90,)], ids=["few-rows", "many-rows"])
+def test_parity_gate(path, gate, dtype, lead):
+    run_parity(lora_args(lead, 45, 29, 6, gate=gate), dtype)
+
+
+def test_parity_noncontiguous_no_bias(path):
+    args = lora_args((2, 41), 40, 52, 5, bias=False, noncontig=True)
+    run_parity(args, torch.bfloat16)
+
+
+@pytest.mark.parametrize("lead", [(0,), (1,), (1, 1)], ids=str)
+def test_zero_and_one_rows(path, lead):
+    run_parity(lora_args(lead, 20, 24, 3, gate="token"), torch.float32)
+
+
+@pytest.mark.parametrize("lead", [(2, 17), (75,)], ids=["S-in-GEMM", "S-skinny-pass"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_dropout_same_mask_forward_and_backward(path, dtype, lead):
+    """Both paths regenerate the same Philox mask in backward (dx's dropout epilogue in our
+    GEMM, or in the in-place rank-r add after cuBLAS)."""
+    p = 0.3
+    args = lora_args(lead, 41, 23, 5, gate="token")
+    torch.manual_seed(99)
+    seed = int(new_seed())
+    mask = dropout_mask(seed, (math.prod(lead), 41), p, DEVICE).view(*lead, 41).double()
+    torch.manual_seed(99)
+    run_parity(args, dtype, op_kwargs=dict(scaling=0.75, dropout_p=p),
+               ref_kwargs=dict(scaling=0.75, dropout_p=p, dropout_mask=mask))
+
+
+# ------------------------------------------------------- fp32 adapters over a half base
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("lead", [(2, 9), (3, 40)], ids=["few-rows", "many-rows"])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_fp32_adapters_over_half_base(path, dtype, lead, dropout):
+    """peft's default (autocast_adapter_dtype): A, B in fp32, x and W in half. The op reads
+    them as they are, returns y in x's dtype and dA, dB in fp32."""
+    m = lora_args(lead, 52, 37, 6, gate="token")
+    op = {k: copy_as(v, torch.float32 if k in ("lora_A", "lora_B", "gate") else dtype, k != "weight" and k != "bias")
+          for k, v in m.items()}
+    ref = {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in op.items()}
+    torch.manual_seed(5)
+    seed = int(new_seed())
+    mask = dropout_mask(seed, (math.prod(lead), 52), dropout, DEVICE).view(*lead, 52).double() if dropout else None
+    torch.manual_seed(5)
+    y = peftops.lora_linear(**op, scaling=0.5, dropout_p=dropout)
+    want = reference.lora_linear(**ref, scaling=0.5, dropout_p=dropout, dropout_mask=mask)
+    assert y.dtype == dtype
+    assert_close("y", y, want, BOUNDS[dtype])
+    dy = torch.randn_like(want)
+    y.backward(dy.to(dtype))
+    want.backward(dy)
+    for name in ("x", "lora_A", "lora_B", "gate"):
+        assert op[name].grad.dtype == op[name].dtype, f"d{name} dtype {op[name].grad.dtype}"
+        assert_close(f"d{name}", op[name].grad, ref[name].grad, BOUNDS[dtype])
+
+
+def test_adapter_dtype_must_be_x_or_fp32():
+    m = lora_args((4,), 8, 6, 2)
+    x, w = m["x"].half(), m["weight"].half()
+    with pytest.raises(TypeError, match="lora_A / lora_B have dtype torch.bfloat16"):
+        peftops.lora_linear(x, w, None, m["lora_A"].bfloat16(), m["lora_B"].bfloat16(), 1.0)
+    with pytest.raises(TypeError, match="lora_B has dtype"):
+        peftops.lora_linear(x, w, None, m["lora_A"].float(), m["lora_B"].half(), 1.0)
+
+
+# ------------------------------------------------------------------------------ the table
+@pytest.mark.parametrize("T", [1, 16, 64, 512, 8192])
+def test_table_on_cuda_picks_the_measured_fastest(T):
+    # H100 2026-11-23: cuBLAS + rank-r add 1.22-1.47x base; our GEMM (before the
+    # single-accumulator redesign) 7.7-10x. Until a GPU run measures the new kernel faster,
+    # every shape takes cublas.
+    assert PATHS.pick(True, T=T, d_in=4096, d_out=4096, r=16) == "cublas"
+    assert PATHS.pick(False, T=T, d_in=4096, d_out=4096, r=16) == "kernel"  # the interpreter proves our kernel
+    assert peftops.dispatch_counts()["lora.path:cublas"] == 1
+
+
+def test_forced_path_overrides_and_bad_name(monkeypatch):
+    with peftops.force_path("lora", "kernel"):
+        assert PATHS.pick(True, T=8192, d_in=64, d_out=64, r=4) == "kernel"
+    monkeypatch.setenv("PEFTOPS_PATH_LORA", "nonsense")
+    with pytest.raises(ValueError, match="PEFTOPS_PATH_LORA='nonsense'"):
+        PATHS.pick(True, T=1, d_in=64, d_out=64, r=4)
+
+
+def test_masters_live_on_the_test_device():
+    assert randn(2, 3).device.type == DEVICE.type
