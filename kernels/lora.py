@@ -156,13 +156,31 @@ def lora_rank_add_kernel(
     m_ok = rm < M
     n_ok = rn < N
     rm64 = rm.to(tl.int64)
-    s = tl.load(s_ptr + rm64[:, None] * stride_sm + rr[None, :] * stride_sr,
-                mask=m_ok[:, None] & (rr[None, :] < R), other=0.0).to(tl.float32) * scale
+    rowscale = scale
     if HAS_ROWSCALE:
-        s = s * tl.load(rowscale_ptr + rm, mask=m_ok, other=0.0).to(tl.float32)[:, None]
-    e = tl.load(e_ptr + rr[:, None] * stride_er + rn[None, :].to(tl.int64) * stride_en,
-                mask=(rr[:, None] < R) & n_ok[None, :], other=0.0).to(tl.float32)
-    low = tl.dot(s, e, input_precision=EPI_PRECISION)
+        rowscale = tl.load(rowscale_ptr + rm, mask=m_ok, other=0.0).to(tl.float32) * scale
+    if EPI_PRECISION == "ieee":
+        # fp32 at full precision: r rank-1 updates on the FMA units (an IEEE tl.dot
+        # spills kilobytes of stack here on sm_90).
+        low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for j in range(0, R):
+            s_j = tl.load(s_ptr + rm64 * stride_sm + j * stride_sr, mask=m_ok, other=0.0).to(tl.float32)
+            e_j = tl.load(e_ptr + j * stride_er + rn.to(tl.int64) * stride_en, mask=n_ok, other=0.0).to(tl.float32)
+            low += s_j[:, None] * e_j[None, :]
+        if HAS_ROWSCALE:
+            low = low * rowscale[:, None]
+        else:
+            low = low * scale
+    else:
+        s = tl.load(s_ptr + rm64[:, None] * stride_sm + rr[None, :] * stride_sr,
+                    mask=m_ok[:, None] & (rr[None, :] < R), other=0.0).to(tl.float32)
+        if HAS_ROWSCALE:
+            s = s * rowscale[:, None]
+        else:
+            s = s * scale
+        e = tl.load(e_ptr + rr[:, None] * stride_er + rn[None, :].to(tl.int64) * stride_en,
+                    mask=(rr[:, None] < R) & n_ok[None, :], other=0.0).to(tl.float32)
+        low = tl.dot(s, e, input_precision=EPI_PRECISION)
     if DROPOUT:
         low = _dropout(low, rm, rn, N, seed, p, inv_keep)
     out_ptrs = out_ptr + rm64[:, None] * stride_om + rn[None, :]
@@ -225,32 +243,36 @@ def lora_skinny_kernel(
 FUSE_S_MAX_ROWS = 64
 
 
-def gemm_config(M, N, K, interpret, drop_epi=False):
-    """Launch config for ``lora_gemm_kernel`` by row count (compile-check: no spills).
+def gemm_config(M, N, K, interpret, drop_epi=False, drop_s=False):
+    """Launch config for ``lora_gemm_kernel`` by row count. Each choice is spill-free on
+    sm_90 by ``python -m peftops compile-check`` (registers a thread in brackets).
 
-    Large M: 128x256x64 tiles, 8 warps, 3 stages (wgmma; one fp32 accumulator of 128
-    registers a thread). The dropout epilogue of dx keeps a second [BLOCK_M, BLOCK_N] tile,
-    so it runs 128x128. Up to 64 rows (decode) the GEMM streams W once: narrow column tiles
-    give one program per 32 columns (128 programs at N = 4096) and deep K tiles keep loads
-    in flight. Not yet tuned on a lent GPU (bench: ``peftops[kernel]``).
+    Large M: 128x256x64 tiles, 8 warps, 3 stages, wgmma (194): the single accumulator is
+    128 of them. The dx dropout epilogue holds a second tile plus the Philox state, which
+    spills at 128x128 (255 + 184 B), so it runs 64x128 on 8 warps (169). Up to 64 rows
+    (decode) the GEMM streams W once: narrow column tiles give a program per 32 columns
+    (128 programs at N = 4096) and deep K tiles keep loads in flight; with dropout on the
+    fused S pass K tiles are 64 deep (128 at 128 deep: 8 B spill). Not yet tuned on a lent
+    GPU (bench provider ``peftops[kernel]``).
     """
     if interpret:  # few, large programs: the interpreter's cost is per program and op
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)
     if M <= 64:
-        return dict(BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=32, BLOCK_K=128, GROUP_M=1,
-                    num_warps=4, num_stages=4)
+        return dict(BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=32, BLOCK_K=64 if drop_s else 128,
+                    GROUP_M=1, num_warps=4, num_stages=4)
+    if drop_epi:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
     if M <= 256:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
-    if drop_epi:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def rank_add_config(M, N, interpret):
-    """Launch config for ``lora_rank_add_kernel`` (memory-bound: one read + one write of out)."""
+def rank_add_config(M, N, interpret, dropout=False):
+    """Launch config for ``lora_rank_add_kernel`` (memory-bound: one read + one write of
+    out); 8 warps with dropout (the Philox state: 254 registers a thread at 4)."""
     if interpret:
         return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4)
-    return dict(BLOCK_M=64, BLOCK_N=128, num_warps=4)
+    return dict(BLOCK_M=64, BLOCK_N=128, num_warps=8 if dropout else 4)
 
 
 def skinny_config(M, N, want_programs, interpret):

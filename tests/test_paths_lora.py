@@ -32,7 +32,7 @@ def test_parity_shapes(path, lead, n_in, n_out, r, dtype):
 
 @pytest.mark.parametrize("gate", ["token", "sample"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("lead", [(3, 13), (90,)], ids=["few-rows", "many-rows"])
+@pytest.mark.parametrize("lead", [(3, 13), (90,), (3, 100)], ids=["decode-rows", "mid-rows", "large-rows"])
 def test_parity_gate(path, gate, dtype, lead):
     run_parity(lora_args(lead, 45, 29, 6, gate=gate), dtype)
 
@@ -47,11 +47,12 @@ def test_zero_and_one_rows(path, lead):
     run_parity(lora_args(lead, 20, 24, 3, gate="token"), torch.float32)
 
 
-@pytest.mark.parametrize("lead", [(2, 17), (75,)], ids=["S-in-GEMM", "S-skinny-pass"])
+@pytest.mark.parametrize("lead", [(2, 17), (75,), (3, 100)], ids=["S-in-GEMM", "S-skinny-pass", "large-rows"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_dropout_same_mask_forward_and_backward(path, dtype, lead):
     """Both paths regenerate the same Philox mask in backward (dx's dropout epilogue in our
-    GEMM, or in the in-place rank-r add after cuBLAS)."""
+    GEMM, or in the in-place rank-r add after cuBLAS). Row counts reach each launch config
+    (decode, <= 256, large) so compile-check sees every variant."""
     p = 0.3
     args = lora_args(lead, 41, 23, 5, gate="token")
     torch.manual_seed(99)
@@ -119,3 +120,40 @@ def test_forced_path_overrides_and_bad_name(monkeypatch):
 
 def test_masters_live_on_the_test_device():
     assert randn(2, 3).device.type == DEVICE.type
+
+
+# ----------------------------------------------- gated LoRA (UniPELT): the same two paths
+@pytest.fixture(params=PATH_NAMES)
+def gated_path(request):
+    with peftops.force_path("gated_lora", request.param):
+        yield request.param
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["sequence", "token"])
+@pytest.mark.parametrize("lead,n_in,n_out,r", [((2, 7), 33, 40, 5), ((3, 100), 20, 37, 8)])
+def test_gated_lora_paths(gated_path, lead, n_in, n_out, r, mode, dtype):
+    from test_unipelt import gl_args, gl_parity
+
+    gl_parity(gl_args(lead, n_in, n_out, r), dtype, mode)
+    assert peftops.dispatch_counts().get(f"gated_lora.path:{gated_path}") == 1
+
+
+def test_gated_lora_table_on_cuda():
+    from peftops.ops.unipelt import PATHS as GATED
+
+    assert GATED.pick(True, T=8192, d_in=4096, d_out=4096, r=8) == "cublas"
+    assert GATED.pick(False, T=8192, d_in=4096, d_out=4096, r=8) == "kernel"
+
+
+@pytest.mark.parametrize("path_name", PATH_NAMES)
+def test_custom_ops_opcheck_each_path(path_name):
+    from peftops.ops import lora as lo
+
+    m = {k: copy_as(v, torch.float32) for k, v in lora_args((9,), 16, 12, 4, gate="token").items()}
+    g = m["gate"].reshape(-1).contiguous()
+    fwd = (m["x"], m["weight"], m["bias"], m["lora_A"], m["lora_B"], g, 0.5, 0.0, None, path_name)
+    torch.library.opcheck(lo.lora_fwd, fwd)
+    y, s = lo.lora_fwd(*fwd)
+    torch.library.opcheck(lo.lora_bwd, (torch.randn_like(y), m["x"], m["weight"], m["lora_A"], m["lora_B"], s, g,
+                                        0.5, 0.0, None, True, path_name))

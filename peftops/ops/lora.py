@@ -162,7 +162,8 @@ def _gemm(x, w, bias, s, e, rowscale, scale, out_dtype, *, seed=None, p=0.0, fus
     N = w.shape[1]
     R = s.shape[1]
     out = empty((M, N), out_dtype, x.device)
-    cfg = k.gemm_config(M, N, K, cpu_configs(x), drop_epi=fuse_a is None and seed is not None)
+    cfg = k.gemm_config(M, N, K, cpu_configs(x), drop_epi=fuse_a is None and seed is not None,
+                        drop_s=fuse_a is not None and seed is not None)
     grid = (-(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"]),)
     epi = "tf32" if x.dtype != torch.float32 else dot_precision(x.dtype)
     fuse = fuse_a is not None
@@ -191,7 +192,7 @@ def _rank_add(out, s, e, rowscale, scale, *, seed=None, p=0.0):
     M, N = out.shape
     R = s.shape[1]
     assert out.stride(1) == 1, "rank-r add needs a unit column stride"
-    cfg = k.rank_add_config(M, N, cpu_configs(out))
+    cfg = k.rank_add_config(M, N, cpu_configs(out), dropout=seed is not None)
     k.lora_rank_add_kernel[(-(-M // cfg["BLOCK_M"]), -(-N // cfg["BLOCK_N"]))](
         out, s, e, rowscale if rowscale is not None else s,
         M, N, R, out.stride(0), s.stride(0), s.stride(1), e.stride(0), e.stride(1),
@@ -204,11 +205,21 @@ def _rank_add(out, s, e, rowscale, scale, *, seed=None, p=0.0):
     return out
 
 
+def linear_rank_r(path, x, w, bias, s, e, rowscale, scale, *, seed=None, p=0.0):
+    """``x @ w + bias + scale * rowscale * drop(s @ e)`` by ``path`` (the LoRA forward with
+    w = W^T, e = B^T; its dx with w = W, e = A; gated LoRA the same): our GEMM with the
+    rank-r term in its accumulator (``kernel``), or cuBLAS and the in-place rank-r add."""
+    if path == "kernel":
+        return _gemm(x, w, bias, s, e, rowscale, scale, x.dtype, seed=seed, p=p)
+    out = torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)           # cuBLAS, bias in its epilogue
+    return _rank_add(out, s, e, rowscale, scale, seed=seed, p=p)
+
+
 @torch.library.custom_op("peftops::lora_fwd", mutates_args=())
 def lora_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
     lora_B: torch.Tensor, gate: torch.Tensor | None, scaling: float, dropout_p: float,
-    seed: torch.Tensor | None, path: str,
+    seed: torch.Tensor | None, path: str = "kernel",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward on 2-D x: returns (y [T, out], S = drop(x) A^T [T, r] fp32)."""
     T, r = x.shape[0], lora_A.shape[0]
@@ -221,16 +232,12 @@ def lora_fwd(
                   fuse_a=lora_A)
         return y, s
     s, _ = _skinny(x, e=lora_A.t(), seed=seed_v, p=dropout_p)                    # S = drop(x) A^T
-    if path == "kernel":
-        y = _gemm(x, weight.t(), bias, s, lora_B.t(), gate, scaling, x.dtype)    # y = x W^T + b + g s S B^T
-    else:
-        y = torch.nn.functional.linear(x, weight, bias)                          # y = x W^T + b    (cuBLAS)
-        _rank_add(y, s, lora_B.t(), gate, scaling)                               # y += g s S B^T   (in place)
+    y = linear_rank_r(path, x, weight.t(), bias, s, lora_B.t(), gate, scaling)   # y = x W^T + b + g s S B^T
     return y, s
 
 
 @lora_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed, path):
+def _(x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed, path="kernel"):
     return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
 
 
@@ -238,7 +245,7 @@ def _(x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed, path):
 def lora_bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     s: torch.Tensor, gate: torch.Tensor | None, scaling: float, dropout_p: float,
-    seed: torch.Tensor | None, need_dx: bool, path: str,
+    seed: torch.Tensor | None, need_dx: bool, path: str = "kernel",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward with W frozen: (dx or an empty tensor, dA, dB, dgate per row [T] fp32)."""
     T, r = x.shape[0], lora_A.shape[0]
@@ -252,16 +259,13 @@ def lora_bwd(
     dg = (dyb * s).sum(1) * scaling if gate is not None else s.new_zeros(0)      # dg = s <dY B, S>_r
     _, d_at = _skinny(x, f=ds, seed=seed_v, p=dropout_p)                         # dA^T = drop(x)^T dS
     dx = x.new_empty(0)
-    if need_dx and path == "kernel":                                             # dx = dY W + drop'(dS A)
-        dx = _gemm(dy, weight, None, ds, lora_A, None, 1.0, x.dtype, seed=seed_v, p=dropout_p)
-    elif need_dx:
-        dx = torch.mm(dy, weight)                                                # dx = dY W          (cuBLAS)
-        _rank_add(dx, ds, lora_A, None, 1.0, seed=seed_v, p=dropout_p)           # dx += drop'(dS A)  (in place)
+    if need_dx:                                                                  # dx = dY W + drop'(dS A)
+        dx = linear_rank_r(path, dy, weight, None, ds, lora_A, None, 1.0, seed=seed_v, p=dropout_p)
     return dx, d_at.t().to(lora_A.dtype).contiguous(), d_b.to(lora_B.dtype).contiguous(), dg
 
 
 @lora_bwd.register_fake
-def _(dy, x, weight, lora_A, lora_B, s, gate, scaling, dropout_p, seed, need_dx, path):
+def _(dy, x, weight, lora_A, lora_B, s, gate, scaling, dropout_p, seed, need_dx, path="kernel"):
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
     dg = s.new_empty(x.shape[0]) if gate is not None else s.new_empty(0)
     return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape), dg

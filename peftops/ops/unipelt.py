@@ -21,11 +21,18 @@ from __future__ import annotations
 import torch
 
 from .. import _checks
-from .._dispatch import use_triton
+from .._dispatch import PathTable, use_triton
 from .._launch import rows
-from .lora import _gemm, _skinny
+from .lora import _skinny, linear_rank_r
 
-__all__ = ["gated_lora_linear", "GATE_MODES"]
+__all__ = ["gated_lora_linear", "GATE_MODES", "PATHS"]
+
+# The frozen GEMM of gated LoRA: the same two paths as LoRA's (ops/lora.py), one table.
+PATHS = PathTable("gated_lora", paths=("kernel", "cublas"), default="kernel", rows=[
+    (lambda **_: True, "cublas",
+     "H100 2026-11-23 (shared/PERF.md): gated LoRA fwd+bwd T=8192 ours 7.8x base (spilling GEMM), eager 1.93x; "
+     "cuBLAS + rank-r add measured 1.22x base for plain LoRA fwd. The single-accumulator kernel is unmeasured."),
+])
 
 GATE_MODES = ("sequence", "token")
 
@@ -58,7 +65,9 @@ def gated_lora_linear(
         from .. import reference
         return reference.gated_lora_linear(x, weight, bias, lora_A, lora_B, gate_weight, gate_bias,
                                            scaling=scaling, gate_mode=gate_mode)
-    y, g = _GatedLoraFn.apply(x, weight, bias, lora_A, lora_B, gate_weight, gate_bias, scaling, gate_mode)
+    path = PATHS.pick(x.is_cuda, T=x.numel() // max(x.shape[-1], 1), d_in=weight.shape[1], d_out=weight.shape[0],
+                      r=lora_A.shape[0])
+    y, g = _GatedLoraFn.apply(x, weight, bias, lora_A, lora_B, gate_weight, gate_bias, scaling, gate_mode, path)
     return y, g
 
 
@@ -113,13 +122,13 @@ def _gate_view(g, lead, gate_mode):
 
 class _GatedLoraFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, gate_weight, gate_bias, scaling, gate_mode):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, gate_weight, gate_bias, scaling, gate_mode, path):
         lead = x.shape[:-1]
         x2 = rows(x)
         y2, s_ext, g = gated_lora_fwd(x2, weight, bias, lora_A, lora_B, gate_weight, gate_bias, scaling,
-                                      gate_mode, list(lead[-1:]) if len(lead) else [])
+                                      gate_mode, list(lead[-1:]) if len(lead) else [], path)
         ctx.save_for_backward(x2, weight, lora_A, lora_B, gate_weight, s_ext, g, gate_bias)
-        ctx.scaling, ctx.gate_mode, ctx.lead = scaling, gate_mode, lead
+        ctx.scaling, ctx.gate_mode, ctx.lead, ctx.path = scaling, gate_mode, lead, path
         gate_out = _gate_view(g, lead, gate_mode).to(x.dtype)
         ctx.mark_non_differentiable(gate_out)
         return y2.view(*lead, weight.shape[0]), gate_out
@@ -132,18 +141,19 @@ class _GatedLoraFn(torch.autograd.Function):
         lead = ctx.lead
         dx2, d_a, d_b, d_gw, d_gb = gated_lora_bwd(dy2, x2, weight, lora_A, lora_B, gate_weight, gate_bias, s_ext, g,
                                                    ctx.scaling, ctx.gate_mode, list(lead[-1:]) if len(lead) else [],
-                                                   need[0])
+                                                   need[0], ctx.path)
         dx = dx2.view(*lead, x2.shape[1]) if need[0] else None
         dw = (dy2.t() @ x2).to(weight.dtype) if need[1] else None
         db = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if need[2] else None
         return (dx, dw, db, d_a if need[3] else None, d_b if need[4] else None, d_gw if need[5] else None,
-                d_gb if need[6] else None, None, None)
+                d_gb if need[6] else None, None, None, None)
 
 
 @torch.library.custom_op("peftops::gated_lora_fwd", mutates_args=())
 def gated_lora_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
     gate_weight: torch.Tensor, gate_bias: torch.Tensor | None, scaling: float, gate_mode: str, seq: list[int],
+    path: str = "kernel",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused forward on 2-D x: (y [N, out], [S | z] [N, r+1] fp32 (z without the bias), row gate g [N] fp32)."""
     N, r = x.shape[0], lora_A.shape[0]
@@ -154,12 +164,12 @@ def gated_lora_fwd(
     s_ext, _ = _skinny(x, e=a_ext.t())                                           # [S | z] = x [A ; Wg]^T
     z = s_ext[:, r] + (gate_bias.float() if gate_bias is not None else 0.0)
     _, g = _gate_of_logit(z, tuple(seq) if gate_mode == "sequence" else (), gate_mode)
-    y = _gemm(x, weight.t(), bias, s_ext[:, :r], lora_B.t(), g, scaling, x.dtype)  # x W^T + b + g s S B^T
+    y = linear_rank_r(path, x, weight.t(), bias, s_ext[:, :r], lora_B.t(), g, scaling)  # x W^T + b + g s S B^T
     return y, s_ext, g
 
 
 @gated_lora_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, gate_weight, gate_bias, scaling, gate_mode, seq):
+def _(x, weight, bias, lora_A, lora_B, gate_weight, gate_bias, scaling, gate_mode, seq, path="kernel"):
     N = x.shape[0]
     return (x.new_empty((N, weight.shape[0])), x.new_empty((N, lora_A.shape[0] + 1), dtype=torch.float32),
             x.new_empty(N, dtype=torch.float32))
@@ -169,7 +179,7 @@ def _(x, weight, bias, lora_A, lora_B, gate_weight, gate_bias, scaling, gate_mod
 def gated_lora_bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     gate_weight: torch.Tensor, gate_bias: torch.Tensor | None, s_ext: torch.Tensor, g: torch.Tensor,
-    scaling: float, gate_mode: str, seq: list[int], need_dx: bool,
+    scaling: float, gate_mode: str, seq: list[int], need_dx: bool, path: str = "kernel",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused backward (W frozen): (dx or empty, dA, dB, dWg, dbg [1])."""
     N, r = x.shape[0], lora_A.shape[0]
@@ -193,14 +203,14 @@ def gated_lora_bwd(
     _, d_ext = _skinny(x, f=f_ext)                                               # [dA ; dWg]^T = x^T [dS | dz]
     dx = x.new_empty(0)
     if need_dx:                                                                  # dx = dY W + [dS | dz] [A ; Wg]
-        dx = _gemm(dy, weight, None, f_ext, torch.cat([lora_A, gate_weight], 0), None, 1.0, x.dtype)
+        dx = linear_rank_r(path, dy, weight, None, f_ext, torch.cat([lora_A, gate_weight], 0), None, 1.0)
     d_a = d_ext[:, :r].t().contiguous().to(lora_A.dtype)                         # contiguous copies: custom ops
     d_gw = d_ext[:, r:].t().contiguous().to(gate_weight.dtype)                   # may not return aliases
     return dx, d_a, d_b.to(lora_B.dtype), d_gw, dz.sum().view(1).to(gate_weight.dtype)
 
 
 @gated_lora_bwd.register_fake
-def _(dy, x, weight, lora_A, lora_B, gate_weight, gate_bias, s_ext, g, scaling, gate_mode, seq, need_dx):
+def _(dy, x, weight, lora_A, lora_B, gate_weight, gate_bias, s_ext, g, scaling, gate_mode, seq, need_dx, path="kernel"):
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
     return (dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape), gate_weight.new_empty(gate_weight.shape),
             gate_weight.new_empty(1))
