@@ -2,11 +2,17 @@
 
     O = softmax([Q (gk Pk)^T ; Q K^T] * scale) [gv Pv ; V],   scale = 1 / sqrt(D)
 
-One flash-attention-style forward kernel (prefix blocks first, then sequence blocks, one
-online softmax, logsumexp saved per row); backward: a preprocess kernel (delta = rowsum(dO O)),
-a dQ kernel per query block and a dK/dV kernel per key block whose extra programs produce
-the prefix gradients as per-(batch, kv head) partials reduced here in a fixed order. The
-algebra is in ``kernels/prefix_attention.py`` and beside each launch below.
+Two paths, picked per shape by ``PATHS`` (DESIGN.md, Dispatch), both exact:
+* ``kernel``: one flash-attention-style forward kernel (prefix blocks first, then sequence
+  blocks, one online softmax, logsumexp saved per row); backward: a preprocess kernel
+  (delta = rowsum(dO O)), a dQ kernel per query block and a dK/dV kernel per key block whose
+  extra programs produce the prefix gradients as per-(batch, kv head) partials reduced here
+  in a fixed order. The algebra is in ``kernels/prefix_attention.py`` and beside each launch.
+* ``sdpa``: the gated prefix concatenated in front of K / V per call and torch's SDPA
+  (flash on CUDA for fp16 / bf16): GQA by ``enable_gqa``, causal by L dummy query rows in
+  front of q (SDPA's own top-left causal mask over L + T rows is then exactly the prefix-
+  aware mask; no explicit mask, so flash stays on). Gradients by autograd of the
+  composition (``_sdpa_prefix_attention``). Per-query-row gates are not expressible this way.
 """
 from __future__ import annotations
 
@@ -15,13 +21,39 @@ import math
 import torch
 
 from .. import _checks, reference
-from .._dispatch import record_launch, use_triton
+from .._dispatch import PathTable, record_launch, use_triton
 from .._launch import cpu_configs, dot_precision, empty, kernels, next_pow2, upcast_dots
 
-__all__ = ["prefix_attention"]
+__all__ = ["prefix_attention", "PATHS"]
 
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 256
+
+# Which path runs on CUDA, first matching row wins. Shapes: B, Hq, Hkv, T, L, D; flags:
+# causal, row_gate (a [B, T, 2 | 1] gate), mask (a key padding mask), half (fp16 / bf16),
+# train (grad enabled and some input requires grad).
+PATHS = PathTable("prefix_attention", paths=("kernel", "sdpa"), default="kernel", rows=[
+    (lambda row_gate, **_: row_gate, "kernel",
+     "per-query-row gates (UniPELT token mode): scaling one query row's prefix scores and values by its own "
+     "gate is not one SDPA call (it needs the head dim doubled or two attentions merged by logsumexp); "
+     "no composition measured"),
+    (lambda D, **_: D > _MAX_HEAD_DIM, "sdpa",
+     f"head_dim > {_MAX_HEAD_DIM}: our kernel does not hold it (the reference would run); SDPA takes any head_dim"),
+    (lambda mask, **_: mask, "kernel",
+     "a key padding mask needs an explicit SDPA mask, which leaves flash: H100 2026-11-23 (shared/PERF.md) "
+     "causal B=4 H=32/8 T=2048 L=32 D=128 fwd+bwd with an explicit mask 3.96 ms vs ours 3.44 ms"),
+    (lambda half, **_: not half, "kernel",
+     "fp32: SDPA's flash takes fp16 / bf16 only, and with GQA the fallback may be the math backend, which "
+     "materialises [B, Hq, T, L + T] scores (O(T^2) bytes); ours streams them. Unmeasured (FLOP/byte argument)"),
+    (lambda train, Hq, Hkv, **_: not train and Hq == Hkv, "kernel",
+     "inference, MHA: H100 2026-11-23 B=8 H=32/32 T=1024 L=64 D=128 full fwd: ours 0.488 ms, SDPA over "
+     "concatenated K/V 0.693 ms (SDPA without a prefix 0.235: to be re-measured as peftops[sdpa])"),
+    (lambda **_: True, "sdpa",
+     "H100 2026-11-23 fwd+bwd, H=32/8 D=128 L=32: SDPA over concatenated K/V 1.14x / 1.03x SDPA without a "
+     "prefix (B=4 T=2048 full 2.20 ms, B=1 T=8192 full 7.30 ms) vs ours 2.9x / 3.0x (5.61, 20.9 ms); those "
+     "totals bound its forward too (GQA inference). Causal: ours 3.44 ms vs 1.22 without a prefix; the L "
+     "dummy query rows keep flash (expected ~1.2x, unmeasured)"),
+])
 
 
 def prefix_attention(
@@ -51,16 +83,80 @@ def prefix_attention(
     """
     scale = _check(q, k, v, prefix_k, prefix_v, prefix_gate, is_causal, scale)
     _check_mask(key_padding_mask, q)
+    tensors = (q, k, v, prefix_k, prefix_v, prefix_gate)
+    B, Hq, T, D = q.shape
+    shape = dict(B=B, Hq=Hq, Hkv=k.shape[1], T=T, L=prefix_k.shape[-2], D=D, causal=is_causal,
+                 row_gate=prefix_gate is not None and prefix_gate.dim() == 3, mask=key_padding_mask is not None,
+                 half=q.dtype in (torch.float16, torch.bfloat16),
+                 train=torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
     unsupported = None
     if q.dtype == torch.float64:
         unsupported = "float64"
-    elif q.shape[-1] > _MAX_HEAD_DIM:
+    elif D > _MAX_HEAD_DIM and _path_for(q.is_cuda, shape) == "kernel":
         unsupported = f"head_dim>{_MAX_HEAD_DIM}"
-    if not use_triton("prefix_attention", q, k, v, prefix_k, prefix_v, prefix_gate, unsupported=unsupported):
+    if not use_triton("prefix_attention", *tensors, unsupported=unsupported):
         return reference.prefix_attention(q, k, v, prefix_k, prefix_v, prefix_gate=prefix_gate,
                                           is_causal=is_causal, scale=scale, key_padding_mask=key_padding_mask)
+    if PATHS.pick(q.is_cuda, **shape) == "sdpa":
+        if shape["row_gate"]:
+            raise ValueError(f"prefix_attention: the sdpa path (forced by PEFTOPS_PATH_PREFIX_ATTENTION) cannot take "
+                             f"a per-query-row prefix_gate {tuple(prefix_gate.shape)}; use the kernel path")
+        return _sdpa_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_gate, is_causal, scale, key_padding_mask)
     mask = None if key_padding_mask is None else (key_padding_mask != 0).to(torch.int8).contiguous()
     return _PrefixAttentionFn.apply(q, k, v, prefix_k, prefix_v, prefix_gate, bool(is_causal), scale, mask)
+
+
+def _path_for(on_cuda, shape):
+    """The path ``PATHS.pick`` would choose, without counting it (to tell beforehand whether a
+    head_dim the kernel cannot hold would reach the kernel)."""
+    forced = PATHS.forced()
+    if forced is not None:
+        return forced
+    if on_cuda:
+        for rule, path, _evidence in PATHS.rows:
+            if rule(**shape):
+                return path
+    return PATHS.default
+
+
+def _sdpa_prefix_attention(q, k, v, prefix_k, prefix_v, gate, is_causal, scale, key_padding_mask):
+    """The ``sdpa`` path: ``SDPA(q, [gk Pk ; K], [gv Pv ; V])`` with the prefix visible to
+    every query; gradients (q, k, v, prefix, gate) by autograd of this composition."""
+    F = torch.nn.functional
+    B, Hq, T, D = q.shape
+    Hkv, L = k.shape[1], prefix_k.shape[-2]
+    if T == 0 or B == 0:
+        # No query rows: an empty output whose gradients are zeros; no attention call.
+        return reference.prefix_attention(q, k, v, prefix_k, prefix_v, prefix_gate=gate, is_causal=is_causal,
+                                          scale=scale, key_padding_mask=key_padding_mask)
+    pk = prefix_k.expand(B, Hkv, L, D)                                           # shared prefix: a view
+    pv = prefix_v.expand(B, Hkv, L, D)
+    if gate is not None:                                                         # [B, 2] or [B, 1]
+        g = gate.to(q.dtype)
+        pk = pk * g[:, 0].view(B, 1, 1, 1)                                       # q . (gk Pk) = gk (q . Pk)
+        pv = pv * g[:, -1].view(B, 1, 1, 1)                                      # gv Pv
+    keys = torch.cat([pk, k], dim=2)                                             # [B, Hkv, L + T, D]
+    values = torch.cat([pv, v], dim=2)
+    gqa = Hq != Hkv                                                              # q head h reads kv head h // (Hq / Hkv)
+    if key_padding_mask is not None:
+        # An explicit mask (SDPA leaves flash): the prefix always visible, padded keys hidden,
+        # and, causal, key L + j visible to query i iff j <= i.
+        keep = torch.cat([torch.ones(B, L, dtype=torch.bool, device=q.device), key_padding_mask != 0], dim=1)
+        keep = keep[:, None, None, :]                                            # [B, 1, 1, L + T]
+        if is_causal:
+            col = torch.arange(L + T, device=q.device)
+            row = torch.arange(T, device=q.device)
+            keep = keep & (col[None, :] - L <= row[:, None])                     # [B, 1, T, L + T]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=keep, scale=scale, enable_gqa=gqa)
+    if not is_causal:
+        return F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=gqa)
+    # Causal: query i must see the L prefix keys and keys L..L+i. With L dummy (zero) query
+    # rows in front, query row L + i under SDPA's top-left causal mask sees keys 0..L+i:
+    # exactly that. No explicit mask (flash stays on); the dummy rows' outputs are dropped
+    # and get no gradient, so they add nothing to dK / dV.
+    q_pad = torch.cat([q.new_zeros(B, Hq, L, D), q], dim=2)
+    out = F.scaled_dot_product_attention(q_pad, keys, values, is_causal=True, scale=scale, enable_gqa=gqa)
+    return out[:, :, L:]
 
 
 def _check(q, k, v, prefix_k, prefix_v, gate, is_causal, scale):
