@@ -2,30 +2,55 @@
 
     out = residual (+ residual2) + gate * scaling * (act(h Wd^T + bd) Wu^T + bu)
 
-Forward: one kernel, one program per block of rows: down projection into an fp32 tile of
-width m (on chip), activation, up projection one column block at a time, scale, gate,
-residual add, store. Bytes: h and residual read once, out written once (+ the weights, and
-z = h Wd^T + bd [T, m] fp32 when a backward will need it); an optional ``residual2`` is read
-in the same pass (residual = h + x_in is then never materialised).
-Backward (algebra beside each launch in ``adapter_bwd``): a row kernel (one pass over dY
-gives P = dY Wu, then dz, the gate gradient, and dh = dz Wd) and a column kernel (one more
-pass over dY and h gives dWu, dbu, dWd as per-split fp32 partials summed here). Only h and
-z are saved; act(z) is recomputed.
+Two paths, picked per shape and grad mode by ``PATHS`` (DESIGN.md, Dispatch), both exact:
+* ``kernel``. Forward: one kernel, one program per block of rows: down projection into an
+  fp32 tile of width m (on chip), activation, up projection one column block at a time,
+  scale, gate, residual add, store. Bytes: h and residual read once, out written once (+ the
+  weights, and z = h Wd^T + bd [T, m] fp32 when a backward will need it); an optional
+  ``residual2`` is read in the same pass (residual = h + x_in is then never materialised).
+  Backward (algebra beside each launch in ``adapter_bwd``): a row kernel (one pass over dY
+  gives P = dY Wu, then dz, the gate gradient, and dh = dz Wd) and a column kernel (one more
+  pass over dY and h gives dWu, dbu, dWd as per-split fp32 partials summed here). Only h and
+  z are saved; act(z) is recomputed.
+* ``eager``: cuBLAS GEMMs with everything small folded into the [T, m] side (``_eager_fwd``):
+  z = addmm(bd, h, Wd^T); A = [act(z) | 1 | 0] and Wx = [Wu | bu | 0] (the ones column
+  carries the up bias into the GEMM, K padded to a multiple of 8); gate and scaling scale
+  A's rows; out = addmm(residual, A, Wx^T): the residual is the GEMM's C operand, so h is
+  read once, residual once, out written once (+ one [T, d] pass for ``residual2``).
+  Backward (``_AdapterEagerFn.backward``): P = dY Wx and dWx = dY^T A (two reads of dY, the
+  up bias and gate gradients come out of the ones column), dh = dz Wd (with + dY as the
+  GEMM's C operand when the residual is h), dWd = dz^T h.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import _checks, reference
-from .._dispatch import record_launch, use_triton
+from .._dispatch import PathTable, record_launch, use_triton
 from .._launch import cpu_configs, dot_precision, empty, kernels, next_pow2, num_sms, rows, upcast_dots
 
-__all__ = ["bottleneck_adapter", "ACTIVATIONS", "MAX_KERNEL_WIDTH"]
+__all__ = ["bottleneck_adapter", "ACTIVATIONS", "MAX_KERNEL_WIDTH", "PATHS"]
 
 # Activation names (transformers' ACT2FN spelling, as AdapterHub) -> kernel ids.
 ACTIVATIONS = {"relu": 0, "gelu": 1, "gelu_new": 2, "gelu_pytorch_tanh": 2, "silu": 3, "swish": 3}
 # Widest bottleneck the fused kernels keep on chip; wider ones fall back to the reference.
 MAX_KERNEL_WIDTH = 256
+
+# Which path runs on CUDA, first matching row wins. Shapes: T rows, d, m (bottleneck width);
+# train: grad enabled and some input requires grad (training and inference differ).
+PATHS = PathTable("adapter", paths=("kernel", "eager"), default="kernel", rows=[
+    (lambda m, **_: m > MAX_KERNEL_WIDTH, "eager",
+     f"m > {MAX_KERNEL_WIDTH}: our kernels do not hold the bottleneck on chip (the reference would run)"),
+    (lambda train, d, m, **_: not train and d >= 4096 and m <= 64, "kernel",
+     "inference: H100 2026-11-23 (shared/PERF.md) T=8192 d=4096 m=64 fwd: ours 0.100 ms (67 % of HBM) vs "
+     "eager 0.137, compile 0.134. d > 4096 at m <= 64 assumed alike (same bytes per row, more of them); "
+     "the eager path's expected ~0.08 ms here is unmeasured (bench provider peftops[eager])"),
+    (lambda **_: True, "eager",
+     "H100 2026-11-23 T=8192: fwd+bwd d=4096 m=64 eager 0.39 ms vs ours 0.98; d=1024 m=64 fwd 0.044 vs "
+     "0.149, fwd+bwd 0.58 vs 1.45; d=4096 m=256 fwd 0.152 vs 0.192 (eager = the reference formula; the "
+     "eager path makes fewer [T, d] passes than it). Unmeasured d: the eager path reaches the HBM floor "
+     "by bytes (h, residual read once, out written once), the kernel measured 67 % of it at best"),
+])
 
 
 def bottleneck_adapter(
@@ -55,18 +80,22 @@ def bottleneck_adapter(
     act, scaling = _check(h, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling, gate,
                           residual2)
     m = down_weight.shape[0]
+    tensors = (h, down_weight, down_bias, up_weight, up_bias, residual, gate, residual2)
+    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    shape = dict(T=h.numel() // max(h.shape[-1], 1), d=h.shape[-1], m=m, train=train)
     unsupported = None
     if h.dtype == torch.float64:
         unsupported = "float64"
-    elif m > MAX_KERNEL_WIDTH:
+    elif m > MAX_KERNEL_WIDTH and _path_for(h.is_cuda, shape) == "kernel":
         unsupported = f"bottleneck width m={m} > {MAX_KERNEL_WIDTH}"
-    tensors = (h, down_weight, down_bias, up_weight, up_bias, residual, gate, residual2)
     if not use_triton("adapter", *tensors, unsupported=unsupported):
         if residual2 is not None:
             residual = residual + residual2
         return reference.bottleneck_adapter(h, down_weight, down_bias, up_weight, up_bias, residual=residual,
                                             activation=activation, scaling=scaling, gate=gate)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if PATHS.pick(h.is_cuda, **shape) == "eager":
+        return _eager(h, down_weight, down_bias, up_weight, up_bias, residual, gate, residual2, act, scaling, train)
+    if train:
         # Aliased inputs (torch.compile cannot trace one tensor passed twice to a Function):
         # residual is h -> passed as None, the kernel reads h and dh gets dY added in place;
         # residual2 aliasing h / residual -> a view, which autograd routes back to the same tensor.
@@ -80,6 +109,141 @@ def bottleneck_adapter(
     out, _ = adapter_fwd(rows(h), down_weight, down_bias, up_weight, up_bias, rows(residual),
                          None if residual2 is None else rows(residual2), _gate_rows(gate, lead), act, scaling, False)
     return out.view(*lead, h.shape[-1])
+
+
+def _path_for(on_cuda, shape):
+    """The path ``PATHS.pick`` would choose, without counting it (to tell beforehand whether a
+    bottleneck the kernel cannot hold would reach the kernel)."""
+    forced = PATHS.forced()
+    if forced is not None:
+        return forced
+    if on_cuda:
+        for rule, path, _evidence in PATHS.rows:
+            if rule(**shape):
+                return path
+    return PATHS.default
+
+
+# ------------------------------------------------------------------------ eager path
+def _act_fwd(z, act):
+    F = torch.nn.functional
+    if act == 0:
+        return F.relu(z)
+    if act == 1:
+        return F.gelu(z)
+    if act == 2:
+        return F.gelu(z, approximate="tanh")
+    return F.silu(z)
+
+
+def _act_bwd(da, z, act):
+    """dz = da * act'(z)."""
+    if act == 0:
+        return torch.ops.aten.threshold_backward(da, z, 0)
+    if act == 1:
+        return torch.ops.aten.gelu_backward(da, z)
+    if act == 2:
+        return torch.ops.aten.gelu_backward(da, z, approximate="tanh")
+    return torch.ops.aten.silu_backward(da, z)
+
+
+def _eager_fwd(h2, down_weight, down_bias, up_weight, up_bias, r2, res2, g, act, scaling):
+    """Forward of the ``eager`` path on 2-D tensors. ``g`` is the per-row gate [T] fp32 or
+    None. Returns (out, z, A, A_s, Wx): A = [act(z) | 1 | 0], A_s = A scaled as it entered
+    the up GEMM, Wx = [Wu | bu | 0]."""
+    T, m = h2.shape[0], down_weight.shape[0]
+    # z = h Wd^T + bd    (cuBLAS, bias in the epilogue; reads h once)
+    z = torch.addmm(down_bias, h2, down_weight.t()) if down_bias is not None else h2 @ down_weight.t()
+    a = _act_fwd(z, act)                                                         # [T, m]
+    if up_bias is not None:
+        # a Wu^T + bu = [a | 1 | 0] [Wu | bu | 0]^T: the bias rides in the GEMM (K = m + 1,
+        # padded to a multiple of 8 so the rows stay 16-byte aligned for cuBLAS).
+        k = -(-(m + 1) // 8) * 8
+        A = torch.cat([a, a.new_ones(T, 1), a.new_zeros(T, k - m - 1)], dim=1)
+        Wx = torch.cat([up_weight, up_bias[:, None], up_weight.new_zeros(up_weight.shape[0], k - m - 1)], dim=1)
+    else:
+        A, Wx = a, up_weight
+    if g is not None:
+        # G = scaling * gate per row scales A's rows: G (A Wx^T) = (G A) Wx^T
+        A_s = (A * (g * scaling)[:, None]).to(A.dtype)
+        alpha = 1.0
+    else:
+        A_s, alpha = A, scaling
+    # out = residual + G (act(z) Wu^T + bu): the residual is the GEMM's C operand (read once)
+    out = torch.addmm(r2, A_s, Wx.t(), alpha=alpha)
+    if res2 is not None:
+        out.add_(res2)                                                           # + residual2 (one [T, d] pass)
+    return out, z, A, A_s, Wx
+
+
+def _eager(h, down_weight, down_bias, up_weight, up_bias, residual, gate, residual2, act, scaling, train):
+    lead = h.shape[:-1]
+    if train:
+        res_is_h = residual is h
+        if residual2 is not None and (residual2 is h or residual2 is residual):
+            residual2 = residual2.view(residual2.shape)                          # see the kernel path above
+        return _AdapterEagerFn.apply(h, down_weight, down_bias, up_weight, up_bias, None if res_is_h else residual,
+                                     gate, residual2, act, scaling)
+    out, *_ = _eager_fwd(rows(h), down_weight, down_bias, up_weight, up_bias, rows(residual),
+                         None if residual2 is None else rows(residual2), _gate_rows(gate, lead), act, scaling)
+    return out.view(*lead, h.shape[-1])
+
+
+class _AdapterEagerFn(torch.autograd.Function):
+    """The ``eager`` path with autograd: forward ``_eager_fwd``; backward by cuBLAS GEMMs and
+    [T, m]-sized elementwise work (algebra beside each line)."""
+
+    @staticmethod
+    def forward(ctx, h, down_weight, down_bias, up_weight, up_bias, residual, gate, residual2, act, scaling):
+        lead = h.shape[:-1]
+        h2 = rows(h)
+        g = _gate_rows(gate, lead)
+        out, z, A, A_s, Wx = _eager_fwd(h2, down_weight, down_bias, up_weight, up_bias,
+                                        h2 if residual is None else rows(residual),
+                                        None if residual2 is None else rows(residual2), g, act, scaling)
+        ctx.save_for_backward(h2, down_weight, z, A, A_s, Wx, g)
+        ctx.act, ctx.scaling, ctx.lead, ctx.res_is_h = act, scaling, lead, residual is None
+        ctx.gate_shape = None if gate is None else gate.shape
+        ctx.gate_dtype = None if gate is None else gate.dtype
+        return out.view(*lead, h.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        h2, down_weight, z, A, A_s, Wx, g = ctx.saved_tensors
+        need_h, need_wd, need_bd, need_wu, need_bu, need_res, need_g, need_res2 = ctx.needs_input_grad[:8]
+        need_res = need_res and not ctx.res_is_h
+        m, s = down_weight.shape[0], ctx.scaling
+        dy2 = rows(dy)
+        dh = dwd = dbd = dwu = dbu = dres = dgate = dres2 = None
+        if need_h or need_wd or need_bd or need_g:
+            P = dy2 @ Wx                                                         # P = dY Wx  [T, K] (P[:, m] = dY . bu)
+            if need_g:
+                # out = r + s gate (A Wx^T): dL/dgate_t = s sum_k A_tk P_tk (includes dY . bu)
+                dg = (A.float() * P.float()).sum(1) * s
+                dgate = dg.view(*ctx.lead, 1).sum_to_size(ctx.gate_shape).to(ctx.gate_dtype)
+            if need_h or need_wd or need_bd:
+                Pa = P[:, :m]
+                da = (Pa * (g * s)[:, None]).to(Pa.dtype) if g is not None else Pa * s    # d act(z) = G P
+                dz = _act_bwd(da, z, ctx.act)                                    # dz = G P act'(z)  [T, m]
+                if need_h:
+                    # dh = dz Wd, + dY in the GEMM's C operand when the residual is h itself
+                    dh2 = torch.addmm(dy2, dz, down_weight) if ctx.res_is_h else dz @ down_weight
+                    dh = dh2.view(*ctx.lead, h2.shape[1])
+                if need_wd:
+                    dwd = dz.t() @ h2                                            # dWd = dz^T h  [m, d]
+                if need_bd:
+                    dbd = dz.sum(0, dtype=torch.float32).to(down_weight.dtype)   # dbd = colsum(dz)
+        if need_wu or need_bu:
+            dWx = dy2.t() @ A_s                                                  # dWx = dY^T (G A)  [d, K]
+            if g is None:
+                dWx = dWx * s                                                    # alpha = s in forward
+            dwu = dWx[:, :m] if need_wu else None                                # dWu = dY^T (G act(z))
+            dbu = dWx[:, m] if need_bu else None                                 # dbu = colsum(G dY): the ones column
+        if need_res:
+            dres = dy                                                            # d residual = dY
+        if need_res2:
+            dres2 = dy                                                           # d residual2 = dY
+        return dh, dwd, dbd, dwu, dbu, dres, dgate, dres2, None, None
 
 
 def _check(h, down_weight, down_bias, up_weight, up_bias, residual, activation, scaling, gate, residual2=None):
