@@ -1,26 +1,68 @@
-"""Test setup: the suite always runs the real Triton kernels.
+"""Test setup: the suite always runs the real Triton kernels, on one device.
 
-On a machine without a GPU the kernels run in Triton's CPU interpreter; that must be
-switched on before triton is imported, so it is done here, before any test module loads.
-``PEFTOPS_BACKEND`` defaults to ``triton`` so a parity test can never compare the
-reference with itself.
+The device comes from ``PEFTOPS_TEST_DEVICE`` (``cpu`` or ``cuda``; by default ``cuda``
+when torch sees a GPU, else ``cpu``), resolved once in tests/parity.py as ``parity.DEVICE``
+and returned by the ``device`` fixture. Every test makes its tensors, modules and models
+there, so the same suite is the CPU interpreter run and the GPU parity run.
+
+* ``cpu``: the kernels run in Triton's CPU interpreter, which must be switched on before
+  triton is imported, so it is done here, before any test module loads.
+  ``PEFTOPS_BACKEND`` defaults to ``triton`` so a parity test can never compare the
+  reference with itself (``auto`` would send CPU tensors to the reference).
+* ``cuda``: the compiled kernels; ``PEFTOPS_BACKEND`` defaults to ``auto`` (CUDA tensors go
+  to Triton) and the interpreter stays off. Asking for ``cuda`` without a GPU stops the
+  run at collection with the reason.
+
+Markers: ``cuda_only(reason)`` / ``cpu_only(reason)`` for the few tests that only make
+sense on one device; on the other one they are skipped with that reason.
 """
 import os
 import sys
 
+import pytest
 import torch
 
-os.environ.setdefault("PEFTOPS_BACKEND", "triton")
-if not torch.cuda.is_available():
+try:
+    from parity import DEVICE  # resolves PEFTOPS_TEST_DEVICE (parity.resolve_test_device)
+except RuntimeError as exc:  # parity.TestDeviceError: stop the run at collection, with the reason
+    raise pytest.UsageError(f"peftops tests: {exc}") from None
+
+if DEVICE.type == "cpu":
+    os.environ.setdefault("PEFTOPS_BACKEND", "triton")
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("triton was imported before TRITON_INTERPRET=1 could be set; "
-                           "run: TRITON_INTERPRET=1 PEFTOPS_BACKEND=triton python -m pytest tests")
+        raise pytest.UsageError("triton was imported before TRITON_INTERPRET=1 could be set; run: "
+                                "TRITON_INTERPRET=1 PEFTOPS_BACKEND=triton python -m pytest tests")
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    os.environ.setdefault("PEFTOPS_BACKEND", "auto")
 os.environ.setdefault("PEFTOPS_POISON", "1")  # NaN-fill outputs so unwritten elements fail
 
-import pytest  # noqa: E402
+_DEVICE_MARKERS = {"cuda_only": "cuda", "cpu_only": "cpu"}
 
-from parity import DEVICE  # noqa: E402
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda_only(reason): runs only when the test device is cuda "
+                                       "(skipped with the reason on cpu)")
+    config.addinivalue_line("markers", "cpu_only(reason): runs only when the test device is cpu "
+                                       "(the interpreter; skipped with the reason on cuda)")
+
+
+def pytest_report_header(config):
+    return (f"peftops test device: {DEVICE} (PEFTOPS_BACKEND={os.environ.get('PEFTOPS_BACKEND')}, "
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')})")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for name, wanted in _DEVICE_MARKERS.items():
+            mark = item.get_closest_marker(name)
+            if mark is None:
+                continue
+            reason = mark.args[0] if mark.args else mark.kwargs.get("reason")
+            if not reason:
+                raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.{name} needs a reason")
+            if DEVICE.type != wanted:
+                item.add_marker(pytest.mark.skip(reason=f"{name} (test device is {DEVICE.type}): {reason}"))
 
 
 @pytest.fixture(autouse=True)
@@ -37,4 +79,5 @@ def _fp32_highest_and_fresh_counts():
 
 @pytest.fixture
 def device():
+    """The test device (``parity.DEVICE``)."""
     return DEVICE
