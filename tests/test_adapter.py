@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import peftops
 from peftops import reference
 from peftops.nn.adapter import BottleneckAdapter
-from parity import BOUNDS, DEVICE, DTYPES, TF32_BOUND, assert_close, check_parity, copy_as, randn
+from parity import BOUNDS, DEVICE, DTYPES, TF32_BOUND, assert_close, check_parity, copy_as, large_case, randn
 
 ALL_GRADS = ("h", "down_weight", "down_bias", "up_weight", "up_bias", "residual")
 
@@ -218,24 +218,25 @@ def _call(t, **over):
 
 
 @pytest.mark.parametrize("over,exc,words", [
-    (dict(h=torch.randn(2, 3, 9)), ValueError, ["h", "(2, 3, 9)", "down_weight"]),
-    (dict(down_weight=torch.randn(4, 8, 1)), ValueError, ["down_weight", "dims"]),
-    (dict(down_weight=torch.randn(0, 8), up_weight=torch.randn(8, 0)), ValueError, ["m = 0"]),
-    (dict(down_bias=torch.randn(5)), ValueError, ["down_bias", "(5,)"]),
-    (dict(up_weight=torch.randn(4, 8)), ValueError, ["up_weight", "(4, 8)", "[8, 4]"]),
-    (dict(up_bias=torch.randn(4)), ValueError, ["up_bias", "(4,)"]),
-    (dict(residual=torch.randn(2, 8)), ValueError, ["residual", "(2, 8)", "(2, 3, 8)"]),
-    (dict(residual=torch.randn(2, 3, 8, dtype=torch.float16)), TypeError, ["residual", "float16"]),
-    (dict(up_weight=torch.randn(8, 4, dtype=torch.float64)), TypeError, ["up_weight", "float64"]),
-    (dict(h=torch.ones(2, 3, 8, dtype=torch.int32)), TypeError, ["h", "int32"]),
+    (dict(h=torch.randn(2, 3, 9, device=DEVICE)), ValueError, ["h", "(2, 3, 9)", "down_weight"]),
+    (dict(down_weight=torch.randn(4, 8, 1, device=DEVICE)), ValueError, ["down_weight", "dims"]),
+    (dict(down_weight=torch.randn(0, 8, device=DEVICE), up_weight=torch.randn(8, 0, device=DEVICE)), ValueError,
+     ["m = 0"]),
+    (dict(down_bias=torch.randn(5, device=DEVICE)), ValueError, ["down_bias", "(5,)"]),
+    (dict(up_weight=torch.randn(4, 8, device=DEVICE)), ValueError, ["up_weight", "(4, 8)", "[8, 4]"]),
+    (dict(up_bias=torch.randn(4, device=DEVICE)), ValueError, ["up_bias", "(4,)"]),
+    (dict(residual=torch.randn(2, 8, device=DEVICE)), ValueError, ["residual", "(2, 8)", "(2, 3, 8)"]),
+    (dict(residual=torch.randn(2, 3, 8, dtype=torch.float16, device=DEVICE)), TypeError, ["residual", "float16"]),
+    (dict(up_weight=torch.randn(8, 4, dtype=torch.float64, device=DEVICE)), TypeError, ["up_weight", "float64"]),
+    (dict(h=torch.ones(2, 3, 8, dtype=torch.int32, device=DEVICE)), TypeError, ["h", "int32"]),
     (dict(residual=None), TypeError, ["residual"]),
-    (dict(residual2=torch.randn(2, 8)), ValueError, ["residual2", "(2, 8)"]),
-    (dict(residual2=torch.randn(2, 3, 8, dtype=torch.float16)), TypeError, ["residual2", "float16"]),
+    (dict(residual2=torch.randn(2, 8, device=DEVICE)), ValueError, ["residual2", "(2, 8)"]),
+    (dict(residual2=torch.randn(2, 3, 8, dtype=torch.float16, device=DEVICE)), TypeError, ["residual2", "float16"]),
     (dict(activation="tanh"), ValueError, ["activation", "tanh"]),
     (dict(scaling=float("nan")), ValueError, ["scaling"]),
     (dict(scaling=torch.tensor(1.0)), TypeError, ["scaling"]),
-    (dict(gate=torch.rand(3, 1, 1)), ValueError, ["gate", "(3, 1, 1)"]),
-    (dict(gate=torch.rand(2, 3, 8)), ValueError, ["gate", "(2, 3, 8)"]),
+    (dict(gate=torch.rand(3, 1, 1, device=DEVICE)), ValueError, ["gate", "(3, 1, 1)"]),
+    (dict(gate=torch.rand(2, 3, 8, device=DEVICE)), ValueError, ["gate", "(2, 3, 8)"]),
 ])
 def test_bad_input(over, exc, words):
     with pytest.raises(exc) as info:
@@ -325,10 +326,11 @@ def test_module_placements(placement, act, scale, reduction, gate):
 
 def test_module_without_layer_norm():
     d = 40
-    mod = BottleneckAdapter(d, reduction_factor=8, placement="houlsby", non_linearity="gelu", scaling=0.5)
+    mod = BottleneckAdapter(d, reduction_factor=8, placement="houlsby", non_linearity="gelu", scaling=0.5,
+                            device=DEVICE)
     with torch.no_grad():
         mod.adapter_up.weight.normal_()
-    h, x_in = torch.randn(3, d), torch.randn(3, d)
+    h, x_in = torch.randn(3, d, device=DEVICE), torch.randn(3, d, device=DEVICE)
     p = {k: v.detach() for k, v in mod.named_parameters()}
     want = h + 0.5 * _formula_f(h, p["adapter_down.0.weight"], p["adapter_down.0.bias"], p["adapter_up.weight"],
                                 p["adapter_up.bias"], "gelu") + x_in
@@ -337,19 +339,19 @@ def test_module_without_layer_norm():
 
 def test_module_names_and_init():
     d = 64
-    mod = BottleneckAdapter(d, reduction_factor=4, init_weights="bert")
+    mod = BottleneckAdapter(d, reduction_factor=4, init_weights="bert", device=DEVICE)
     assert sorted(mod.state_dict()) == ["adapter_down.0.bias", "adapter_down.0.weight", "adapter_up.bias",
                                         "adapter_up.weight"]
     assert mod.adapter_down[0].weight.shape == (16, d) and mod.adapter_up.weight.shape == (d, 16)
     assert 0.01 < mod.adapter_down[0].weight.std().item() < 0.03   # bert: N(0, 0.02)
     assert mod.adapter_up.bias.abs().max() == 0 and mod.adapter_down[0].bias.abs().max() == 0
-    mam = BottleneckAdapter(d, reduction_factor=4, init_weights="mam_adapter")
+    mam = BottleneckAdapter(d, reduction_factor=4, init_weights="mam_adapter", device=DEVICE)
     assert mam.adapter_up.weight.abs().max() == 0 and mam.adapter_down[0].weight.abs().max() > 0
-    near = BottleneckAdapter(d, reduction_factor=4, init_weights="houlsby")
+    near = BottleneckAdapter(d, reduction_factor=4, init_weights="houlsby", device=DEVICE)
     assert 0 < near.adapter_up.weight.abs().max() <= 2e-2
     # mam_adapter (up = 0) is exactly the identity adapter: y = LN(h + x_in)
-    ln = torch.nn.LayerNorm(d)
-    h, x_in = torch.randn(5, d), torch.randn(5, d)
+    ln = torch.nn.LayerNorm(d, device=DEVICE)
+    h, x_in = torch.randn(5, d, device=DEVICE), torch.randn(5, d, device=DEVICE)
     assert_close("identity", mam(h, x_in, ln), ln(h + x_in), 1e-6)
     with pytest.raises(ValueError, match="placement"):
         BottleneckAdapter(d, placement="sideways")
@@ -367,20 +369,21 @@ def test_custom_ops_opcheck():
     from peftops.ops import adapter as adapter_ops
 
     T, d, m = 5, 37, 6
-    h, r = torch.randn(T, d), torch.randn(T, d)
-    wd, bd, wu, bu = torch.randn(m, d), torch.randn(m), torch.randn(d, m), torch.randn(d)
-    g = torch.rand(T)
+    h, r = (torch.randn(T, d, device=DEVICE) for _ in range(2))
+    wd, bd = torch.randn(m, d, device=DEVICE), torch.randn(m, device=DEVICE)
+    wu, bu = torch.randn(d, m, device=DEVICE), torch.randn(d, device=DEVICE)
+    g = torch.rand(T, device=DEVICE)
     torch.library.opcheck(adapter_ops.adapter_fwd, (h, wd, bd, wu, bu, r, None, g, 1, 0.5, True))
     torch.library.opcheck(adapter_ops.adapter_fwd, (h, wd, None, wu, None, r, h, None, 0, 0.5, False))
     _, z = adapter_ops.adapter_fwd(h, wd, bd, wu, bu, r, None, g, 1, 0.5, True)
-    dy = torch.randn(T, d)
+    dy = torch.randn(T, d, device=DEVICE)
     torch.library.opcheck(adapter_ops.adapter_bwd, (dy, h, z, wd, wu, bu, g, 1, 0.5, True, True, True, True, True))
     torch.library.opcheck(adapter_ops.adapter_bwd, (dy, h, z, wd, wu, None, None, 3, 0.5, True, False, False, False, False))
 
 
 def test_scalar_gate():
     args = adapter_args((2, 5), 37, 9)
-    args["gate"] = torch.rand(1, dtype=torch.float64) + 0.5
+    args["gate"] = torch.rand(1, dtype=torch.float64, device=DEVICE) + 0.5
     run_parity(args, torch.float32, activation="silu")
 
 
@@ -501,3 +504,17 @@ def test_module_learned_scaling():
         assert_close(f"d{name}", p.grad, params[name].grad, 1e-4)
     with pytest.raises(ValueError, match="scaling"):
         BottleneckAdapter(d, scaling="sometimes")
+
+
+# ---------------------------------------------------------------------------- GPU-sized
+@pytest.mark.cuda_only("GPU-sized shapes: hours in the CPU interpreter")
+@pytest.mark.parametrize("gate", [None, "token"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_sized(dtype, gate):
+    """T = 4096 rows (2 x 2048), d = 1024, bottleneck m = 64 (reduction 16) and m = 256 (the
+    widest on chip): output and every gradient; fp32 under tf32 at TF32_BOUND, bf16 within
+    1.5x eager bf16's error (parity.large_case)."""
+    if dtype == torch.float32:
+        torch.set_float32_matmul_precision("high")
+    for m in (64, 256):
+        run_parity(adapter_args((2, 2048), 1024, m, gate=gate), dtype, activation="gelu", **large_case(dtype))

@@ -14,7 +14,7 @@ from peftops import reference
 from peftops.nn.unipelt import (GatedBottleneckAdapter, GatedLoraLinear, GatedPrefix, UniPELTConfig,
                                 UniPELTLayer)
 from peftops.ops.unipelt import gated_lora_linear
-from parity import BOUNDS, DEVICE, DTYPES, assert_close, check_parity, randn, rel_err
+from parity import BOUNDS, DEVICE, DTYPES, assert_close, check_parity, large_case, randn, rel_err
 
 
 @pytest.fixture(autouse=True)
@@ -67,8 +67,11 @@ def test_gated_lora_zero_rows():
 
 
 def test_gated_lora_kernels_ran():
+    """The kernel path's launches (forced: on CUDA the table picks cublas; both paths run in
+    tests/test_paths_lora.py)."""
     peftops.reset_dispatch_counts()
-    gl_parity(gl_args((2, 5), 16, 16, 8), torch.float32, "sequence")
+    with peftops.force_path("gated_lora", "kernel"):
+        gl_parity(gl_args((2, 5), 16, 16, 8), torch.float32, "sequence")
     c = peftops.dispatch_counts()
     assert c.get("gated_lora.triton") == 1 and not c.get("gated_lora.reference")
     # forward: 1 skinny ([S | z] in one pass) + 1 GEMM; backward: 2 skinny + 1 GEMM
@@ -84,11 +87,11 @@ def test_gated_lora_float64_falls_back_visibly():
 
 
 @pytest.mark.parametrize("over,exc,match", [
-    (dict(gate_weight=torch.randn(2, 16)), ValueError, "gate_weight has shape"),
-    (dict(gate_bias=torch.randn(2)), ValueError, "gate_bias has shape"),
-    (dict(lora_B=torch.randn(16, 3)), ValueError, "lora_B has shape"),
-    (dict(x=torch.randn(2, 5, 15)), ValueError, "x has 15 features"),
-    (dict(gate_weight=torch.randn(1, 16, dtype=torch.float16)), TypeError, "gate_weight has dtype"),
+    (dict(gate_weight=torch.randn(2, 16, device=DEVICE)), ValueError, "gate_weight has shape"),
+    (dict(gate_bias=torch.randn(2, device=DEVICE)), ValueError, "gate_bias has shape"),
+    (dict(lora_B=torch.randn(16, 3, device=DEVICE)), ValueError, "lora_B has shape"),
+    (dict(x=torch.randn(2, 5, 15, device=DEVICE)), ValueError, "x has 15 features"),
+    (dict(gate_weight=torch.randn(1, 16, dtype=torch.float16, device=DEVICE)), TypeError, "gate_weight has dtype"),
     (dict(gate_mode="layer"), ValueError, "gate_mode"),
     (dict(scaling=float("nan")), ValueError, "scaling"),
 ])
@@ -99,13 +102,27 @@ def test_gated_lora_bad_input(over, exc, match):
         gated_lora_linear(**a)
 
 
+@pytest.mark.cuda_only("GPU-sized shapes: hours in the CPU interpreter")
+@pytest.mark.parametrize("mode", ["sequence", "token"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gated_lora_gpu_sized(dtype, mode):
+    """T = 4096 rows (2 x 2048), d = 1024, r = 16: output and every gradient (x, A, B, the gate's
+    weight and bias); fp32 under tf32 at TF32_BOUND, bf16 within 1.5x eager bf16's error."""
+    if dtype == torch.float32:
+        torch.set_float32_matmul_precision("high")
+    args = gl_args((2, 2048), 1024, 1024, 16)
+    check_parity(lambda **a: gated_lora_linear(**a, gate_mode=mode)[0],
+                 lambda **a: reference.gated_lora_linear(**a, gate_mode=mode)[0],
+                 args, ["x", "lora_A", "lora_B", "gate_weight", "gate_bias"], dtype, **large_case(dtype))
+
+
 # ------------------------------------------------------------------ gated modules
 @pytest.mark.parametrize("mode", ["sequence", "token"])
 def test_gated_adapter_module(mode):
     """GatedBottleneckAdapter (SeqBn) == LN(r + g_A f(LN(r))), r = h + x_in, g_A from LN(r)."""
     d = 48
-    ad = GatedBottleneckAdapter(d, gate_mode=mode).double()
-    ln = nn.LayerNorm(d).double()
+    ad = GatedBottleneckAdapter(d, gate_mode=mode, device=DEVICE).double()
+    ln = nn.LayerNorm(d, device=DEVICE).double()
     with torch.no_grad():
         ad.adapter_up.weight.normal_()
         ad.gate.weight.normal_()
@@ -119,7 +136,7 @@ def test_gated_adapter_module(mode):
         for t in params:
             t.grad = None
         if use_module:
-            ad32, ln32 = GatedBottleneckAdapter(d, gate_mode=mode), nn.LayerNorm(d)
+            ad32, ln32 = GatedBottleneckAdapter(d, gate_mode=mode, device=DEVICE), nn.LayerNorm(d, device=DEVICE)
             ad32.load_state_dict(ad.state_dict())
             ln32.load_state_dict(ln.state_dict())
             h32, x32 = h.detach().float().requires_grad_(), x_in.detach().float().requires_grad_()
@@ -148,9 +165,9 @@ def test_gated_adapter_module(mode):
 
 @pytest.mark.parametrize("mode", ["sequence", "token"])
 def test_gated_prefix_module_gate_and_bad_input(mode):
-    gp = GatedPrefix(32, 2, 8, 10, prefix_projection=False, gate_mode=mode)
-    x = torch.randn(2, 7, 32)
-    q, k, v = torch.randn(2, 4, 7, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    gp = GatedPrefix(32, 2, 8, 10, prefix_projection=False, gate_mode=mode, device=DEVICE)
+    x = torch.randn(2, 7, 32, device=DEVICE)
+    q, k, v = (torch.randn(2, h, 7, 8, device=DEVICE) for h in (4, 2, 2))
     out = gp(q, k, v, x, is_causal=True)
     expect_g = torch.sigmoid(x @ gp.gate.weight.t() + gp.gate.bias)
     expect_g = expect_g.mean(1) if mode == "sequence" else expect_g
@@ -164,13 +181,13 @@ def test_gated_prefix_module_gate_and_bad_input(mode):
 
 def test_module_bad_args():
     with pytest.raises(TypeError, match="nn.Linear"):
-        GatedLoraLinear(nn.Conv1d(2, 2, 1))
+        GatedLoraLinear(nn.Conv1d(2, 2, 1, device=DEVICE))
     with pytest.raises(ValueError, match="r must be"):
-        GatedLoraLinear(nn.Linear(4, 4), r=0)
+        GatedLoraLinear(nn.Linear(4, 4, device=DEVICE), r=0)
     with pytest.raises(ValueError, match="gate_mode"):
-        GatedLoraLinear(nn.Linear(4, 4), gate_mode="x")
+        GatedLoraLinear(nn.Linear(4, 4, device=DEVICE), gate_mode="x")
     with pytest.raises(ValueError, match="gate_mode"):
-        GatedBottleneckAdapter(32, gate_mode="x")
+        GatedBottleneckAdapter(32, gate_mode="x", device=DEVICE)
 
 
 # ------------------------------------------------------------------ whole block
@@ -239,7 +256,7 @@ def plain_unipelt_block(P, x, causal, mode):
     sp = (q @ pk4.transpose(-1, -2)) * gk / HEAD_DIM ** 0.5                      # row i: q_i (g_i Pk)^T
     ss = q @ kr.transpose(-1, -2) / HEAD_DIM ** 0.5
     if causal:
-        ss = ss.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+        ss = ss.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), float("-inf"))
     pr = torch.softmax(torch.cat([sp, ss], -1), -1)
     a = (pr[..., :L] @ pv4) * gv + pr[..., L:] @ vr
     gp = gp[:, 0] if mode == "sequence" else gp
@@ -263,7 +280,7 @@ def make_block(mode, dtype=torch.float64):
                 p.normal_(0.0, 0.3)
     for n, p in blk.named_parameters():
         p.requires_grad_(n.startswith("pelt."))
-    return blk.to(dtype)
+    return blk.to(DEVICE, dtype)
 
 
 def eager_grads(blk64, x64, dy, causal, dtype):
@@ -323,7 +340,13 @@ def test_block_matches_plain_composition(mode, causal, dtype):
     assert gates["lora_q"].shape == gates["lora_v"].shape == gates["adapter"].shape == want
     assert gates["prefix"].shape == ((2, 2) if mode == "sequence" else (2, 13, 2))
     c = peftops.dispatch_counts()
-    for kern in ("lora_skinny", "lora_gemm", "prefix_attn_fwd", "prefix_attn_bwd_dkdv", "adapter_fwd", "adapter_bwd_rows"):
+    assert c.get("gated_lora.triton") == 2 and c.get("prefix_attention.triton") == 1 and c.get("adapter.triton") == 1, c
+    kerns = ["lora_skinny", "adapter_fwd", "adapter_bwd_rows"]
+    # each op's launches by the path its table picked on this device (kernel on CPU)
+    kerns += ["lora_gemm"] if c.get("gated_lora.path:kernel") else []
+    kerns += ["lora_rank_add"] if c.get("gated_lora.path:cublas") else []
+    kerns += [] if c.get("prefix_attention.path:sdpa") else ["prefix_attn_fwd", "prefix_attn_bwd_dkdv"]
+    for kern in kerns:
         assert c.get(f"launch.{kern}"), (kern, c)
 
 
