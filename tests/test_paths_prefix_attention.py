@@ -188,7 +188,9 @@ def _shape(**over):
     (dict(B=8, Hkv=32, T=1024, L=64, train=False), "kernel"),  # MHA fwd measured: ours 0.488 vs 0.693
     (dict(B=8, Hkv=32, T=1024, L=64), "sdpa"),               # MHA training
     (dict(row_gate=True), "kernel"),                         # per-query-row gates
-    (dict(mask=True, causal=True), "kernel"),                # explicit mask: 3.96 vs ours 3.44
+    (dict(mask=True, causal=True), "kernel"),                # explicit mask: 3.96 vs ours 3.44 at T=2048
+    (dict(mask=True, causal=True, T=512), "sdpa"),           # explicit mask: 0.61 vs ours 1.28 at T=512
+    (dict(mask=True, T=512, half=False), "kernel"),          # ... but fp32 stays on the kernel
     (dict(half=False), "kernel"),                            # fp32: no flash
     (dict(D=512), "sdpa"),                                   # beyond the kernel's head_dim
     (dict(D=512, row_gate=True), "kernel"),                  # neither: the kernel path falls back visibly

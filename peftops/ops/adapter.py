@@ -43,13 +43,16 @@ PATHS = PathTable("adapter", paths=("kernel", "eager"), default="kernel", rows=[
      f"m > {MAX_KERNEL_WIDTH}: our kernels do not hold the bottleneck on chip (the reference would run)"),
     (lambda train, d, m, **_: not train and d >= 4096 and m <= 64, "kernel",
      "inference: H100 2026-11-23 (shared/PERF.md) T=8192 d=4096 m=64 fwd: ours 0.100 ms (67 % of HBM) vs "
-     "eager 0.137, compile 0.134. d > 4096 at m <= 64 assumed alike (same bytes per row, more of them); "
-     "the eager path's expected ~0.08 ms here is unmeasured (bench provider peftops[eager])"),
+     "eager 0.137, compile 0.134. d > 4096 at m <= 64 assumed alike (same bytes per row, more of them). "
+     "CONFLICT: the bench run of the same commit (bench/results) has ours 0.281 vs eager 0.187 here (and ours "
+     "0.191 at m=256, less than at m=64): re-measure peftops[kernel] vs peftops[eager] (expected ~0.08 ms "
+     "by bytes) before trusting this row"),
     (lambda **_: True, "eager",
-     "H100 2026-11-23 T=8192: fwd+bwd d=4096 m=64 eager 0.39 ms vs ours 0.98; d=1024 m=64 fwd 0.044 vs "
-     "0.149, fwd+bwd 0.58 vs 1.45; d=4096 m=256 fwd 0.152 vs 0.192 (eager = the reference formula; the "
-     "eager path makes fewer [T, d] passes than it). Unmeasured d: the eager path reaches the HBM floor "
-     "by bytes (h, residual read once, out written once), the kernel measured 67 % of it at best"),
+     "H100 2026-11-23 T=8192 (shared/PERF.md): fwd+bwd d=4096 m=64 eager 0.39 ms vs ours 0.98; d=1024 m=64 "
+     "fwd 0.044 vs 0.149, fwd+bwd 0.58 vs 1.45; d=4096 m=256 fwd 0.152 vs 0.192 (bench/results: fwd+bwd "
+     "d=4096 eager 0.76 vs 1.44 at m=64, 1.05 vs 1.43 at m=256). eager there = the reference formula; this "
+     "path makes fewer [T, d] passes than it. Unmeasured d: this path reaches the HBM floor by bytes (h and "
+     "the residual read once, out written once), the kernel measured 67 % of it at best"),
 ])
 
 

@@ -39,9 +39,11 @@ PATHS = PathTable("prefix_attention", paths=("kernel", "sdpa"), default="kernel"
      "no composition measured"),
     (lambda D, **_: D > _MAX_HEAD_DIM, "sdpa",
      f"head_dim > {_MAX_HEAD_DIM}: our kernel does not hold it (the reference would run); SDPA takes any head_dim"),
-    (lambda mask, **_: mask, "kernel",
-     "a key padding mask needs an explicit SDPA mask, which leaves flash: H100 2026-11-23 (shared/PERF.md) "
-     "causal B=4 H=32/8 T=2048 L=32 D=128 fwd+bwd with an explicit mask 3.96 ms vs ours 3.44 ms"),
+    (lambda mask, T, **_: mask and T > 512, "kernel",
+     "a key padding mask needs an explicit SDPA mask, which leaves flash. H100 2026-11-23, H=32/8 D=128 causal, "
+     "concatenation + explicit mask vs ours: T=2048 B=4 L=32 fwd+bwd 3.96 vs 3.44 ms (shared/PERF.md); T=4096 "
+     "(bench/results) B=8 fwd+bwd 28.7 vs 22.5 (L=10), 24.9 vs 22.5 (L=64), B=1 fwd 0.99 vs 0.60. At T=512 the "
+     "explicit mask wins (B=1 fwd+bwd 0.61 vs 1.28, B=8 0.77 vs 1.43): rows below take it"),
     (lambda half, **_: not half, "kernel",
      "fp32: SDPA's flash takes fp16 / bf16 only, and with GQA the fallback may be the math backend, which "
      "materialises [B, Hq, T, L + T] scores (O(T^2) bytes); ours streams them. Unmeasured (FLOP/byte argument)"),
@@ -51,8 +53,9 @@ PATHS = PathTable("prefix_attention", paths=("kernel", "sdpa"), default="kernel"
     (lambda **_: True, "sdpa",
      "H100 2026-11-23 fwd+bwd, H=32/8 D=128 L=32: SDPA over concatenated K/V 1.14x / 1.03x SDPA without a "
      "prefix (B=4 T=2048 full 2.20 ms, B=1 T=8192 full 7.30 ms) vs ours 2.9x / 3.0x (5.61, 20.9 ms); those "
-     "totals bound its forward too (GQA inference). Causal: ours 3.44 ms vs 1.22 without a prefix; the L "
-     "dummy query rows keep flash (expected ~1.2x, unmeasured)"),
+     "totals bound its forward too (GQA inference). Causal: ours 3.44 ms vs flash without a prefix 1.22; even "
+     "with an explicit mask (no flash) the concatenation beat ours at T=512 (bench/results: fwd 0.057 vs 0.122 "
+     "ms, fwd+bwd 0.61 vs 1.28). The L dummy query rows keep flash: expected ~1.2x flash, unmeasured"),
 ])
 
 
