@@ -20,11 +20,12 @@ PARAMS = [pytest.param(c, p, id=f"{c.op}-{'-'.join(f'{k}{v}' for k, v in c.shape
 
 @pytest.mark.parametrize("case,provider", PARAMS)
 def test_bench(benchmark, case, provider):
-    fn = case.providers[provider]()
+    with case.context(provider):  # peftops[<path>]: that path forced for build and timing
+        fn = case.providers[provider]()
 
-    def step():
-        fn()
-        torch.cuda.synchronize()
+        def step():
+            fn()
+            torch.cuda.synchronize()
 
-    benchmark.group = f"{case.op} {case.shape}"
-    benchmark.pedantic(step, rounds=20, warmup_rounds=3)
+        benchmark.group = f"{case.op} {case.shape}"
+        benchmark.pedantic(step, rounds=20, warmup_rounds=3)

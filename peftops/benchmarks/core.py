@@ -9,12 +9,19 @@ Each provider builder allocates its inputs and returns a zero-argument function;
 that function runs the op once and returns what it computed (the output, or the tuple of
 gradients for a forward+backward case), so the same case serves timing on a GPU and
 parity on a CPU. Provider names: ``peftops``, ``eager`` (the reference formula in eager
-PyTorch), ``peft`` (HF PEFT's own layer), ``cublas_base`` (the frozen layer alone).
+PyTorch), ``compile`` (that formula under ``torch.compile``, compiled and warmed up inside
+its builder, so timing excludes compilation), ``peft`` (HF PEFT's own layer),
+``cublas_base`` (the frozen layer alone), op-specific ones (``sdpa_no_prefix``,
+``sdpa_concat``, ``peftops_compile``), and ``peftops[<path>]``: peftops with one of its
+implementation paths forced (added by ``add_path_providers`` for every path the op's
+``PATHS`` table lists, when its ops module has one).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -35,6 +42,105 @@ class Case:
     bytes: float = 0.0  # bytes one call must move at least (for GB/s vs the HBM floor)
     parity_with: str = "eager"  # which provider the others are compared with on CPU
     compare: tuple = ("peftops",)  # providers compared (and with what) on the parity pass
+    paths_from: str | None = None  # ops module whose ``PATHS`` table gives ``peftops[<path>]`` providers
+    rep_ms: float = 100.0  # do_bench's timing window (a training step: longer, so it runs a few times)
+    forced: dict = dataclasses.field(default_factory=dict)  # provider -> (PathTable op, path)
+
+    def context(self, provider: str):
+        """What a provider runs under: its forced path, if any (set around build and timing,
+        so the timed calls pay nothing for it)."""
+        if provider in self.forced:
+            from .._dispatch import force_path
+
+            return force_path(*self.forced[provider])
+        return contextlib.nullcontext()
+
+
+def is_late(provider: str) -> bool:
+    """Providers that compile (``compile``, ``*_compile``): timed after all the others, so a
+    time budget that runs out loses those, not the peftops numbers."""
+    return provider == "compile" or provider.endswith("_compile")
+
+
+def add_path_providers(case: Case) -> None:
+    """``peftops[<path>]`` for each path of the op's ``PATHS`` (a ``PathTable``), when the ops
+    module named by ``case.paths_from`` defines one; nothing otherwise."""
+    if not case.paths_from or "peftops" not in case.providers:
+        return
+    try:
+        module = importlib.import_module(case.paths_from)
+    except ImportError:
+        return
+    table = getattr(module, "PATHS", None)
+    paths, op = getattr(table, "paths", None), getattr(table, "op", None)
+    if not paths or not op:
+        return
+    for path in paths:
+        name = f"peftops[{path}]"
+        case.providers[name] = case.providers["peftops"]
+        case.forced[name] = (op, path)
+        if "peftops" in case.compare and name not in case.compare:
+            case.compare = (*case.compare, name)
+
+
+def generator(device, seed: int) -> torch.Generator:
+    """A generator on the inputs' device: GPU inputs are drawn on the GPU (a CPU draw of the
+    large shapes costs seconds per build), CPU inputs exactly as before."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def randn(g: torch.Generator, *shape, dtype, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+    """Normal draws on ``g``'s device, scaled and shifted in fp32, then cast to ``dtype``."""
+    t = torch.randn(*shape, generator=g, device=g.device, dtype=torch.float32)
+    if scale != 1.0:
+        t.mul_(scale)
+    if shift != 0.0:
+        t.add_(shift)
+    return t.to(dtype)
+
+
+def raise_recompile_limits() -> None:
+    # One compiled formula serves many shapes (a recompile each, dynamic=False): past
+    # dynamo's default limit (8) it would silently run eager. Raise it, and make hitting
+    # it an error rather than a quiet eager fallback where this torch has that switch.
+    import torch._dynamo.config as cfg
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 1024))
+    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 4096))
+    if hasattr(cfg, "fail_on_recompile_limit_hit"):
+        cfg.fail_on_recompile_limit_hit = True
+
+
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile`` of an eager formula, static shapes (the best compile can do at one
+    shape). Nothing is imported or compiled until the first call (the CPU parity pass never
+    makes one): use it inside a ``warmed`` builder."""
+    holder: list = []
+
+    def call(*args, **kwargs):
+        if not holder:
+            raise_recompile_limits()
+            holder.append(torch.compile(fn, dynamic=False))
+        return holder[0](*args, **kwargs)
+    return call
+
+
+def warmed(build: Callable[[], Callable[[], object]], calls: int = 2) -> Callable[[], Callable[[], object]]:
+    """A builder that calls what it builds ``calls`` times before handing it over: for the
+    ``compile`` providers, compilation (forward and backward graphs) happens in the build,
+    not in the timed calls."""
+    def b():
+        run = build()
+        for _ in range(calls):
+            run()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return run
+    return b
 
 
 def _flatten(out) -> list[torch.Tensor]:
@@ -55,9 +161,11 @@ def rel_err(a, b) -> float:
     return worst
 
 
-def time_fn(fn: Callable[[], object], device: torch.device) -> dict:
+def time_fn(fn: Callable[[], object], device: torch.device, rep_ms: float = 100.0) -> dict:
     """Median / p20 / p80 milliseconds (``triton.testing.do_bench``: warm-up, L2 flush
-    between runs) and the peak memory of one call."""
+    between runs) and the memory of one call: ``peak_mem_bytes`` above what was allocated
+    before it (the call's own working memory), ``peak_total_bytes`` the device's peak
+    during it (model, inputs and all)."""
     import triton.testing
 
     torch.cuda.synchronize(device)
@@ -65,9 +173,10 @@ def time_fn(fn: Callable[[], object], device: torch.device) -> dict:
     base = torch.cuda.memory_allocated(device)
     fn()
     torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
-    med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-    return {"median_ms": med, "p20": p20, "p80": p80, "peak_mem_bytes": int(peak)}
+    total = torch.cuda.max_memory_allocated(device)
+    med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    return {"median_ms": med, "p20": p20, "p80": p80, "peak_mem_bytes": int(total - base),
+            "peak_total_bytes": int(total)}
 
 
 def environment() -> dict:
@@ -117,10 +226,31 @@ def _fmt(v) -> str:
 
 
 def dump(records: list[dict], path: str) -> None:
+    """Write atomically (a run cut off by a time limit leaves the last complete file)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
         json.dump(records, f, indent=1)
         f.write("\n")
+    os.replace(tmp, path)
+
+
+def record_key(r: dict) -> tuple:
+    return r["op"], json.dumps(r["shape"], sort_keys=True), r["dtype"], r["provider"]
+
+
+def load_records(path: str) -> list[dict]:
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records")
+    return data
+
+
+def merge(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` with every record of the same (op, shape, dtype, provider) replaced by ``new``'s."""
+    fresh = {record_key(r) for r in new}
+    return [r for r in old if record_key(r) not in fresh] + list(new)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -2,13 +2,16 @@
 run each case once at small shapes and compare providers (a parity pass)."""
 from __future__ import annotations
 
+import gc
 import importlib
+import os
 import time
 
 import torch
 
 from . import METHODS
-from .core import Case, dtype_name, dump, environment, progress, rel_err, results_path, table, time_fn
+from .core import (Case, add_path_providers, dtype_name, dump, environment, is_late, load_records, merge, progress,
+                   rel_err, results_path, table, time_fn)
 
 PARITY_BOUND = 1e-4  # fp32 on the parity pass: providers agree to this relative error
 
@@ -20,43 +23,92 @@ def load_cases(methods: list[str], device, dtype, small: bool) -> list[Case]:
     out = []
     for m in methods:
         out.extend(importlib.import_module(METHODS[m]).cases(device, dtype, small))
+    for case in out:
+        add_path_providers(case)
     return out
 
 
-def run_timing(cases: list[Case], device, out_dir: str | None) -> list[dict]:
+def _shape_str(case: Case) -> str:
+    return ",".join(f"{k}={v}" for k, v in case.shape.items())
+
+
+def run_timing(cases: list[Case], device, out: str | None, *, budget_s: float | None = None,
+               skip: tuple[str, ...] = ()) -> list[dict]:
+    """Time every (case, provider); compiling providers (``is_late``) after all the others.
+
+    ``out``: a directory (the file is ``<gpu>-<yyyymmdd>.json`` in it) or a ``.json`` path.
+    An existing file is merged into: records of the same (op, shape, dtype, provider) are
+    replaced, the others kept. The file is rewritten after every provider, so a run stopped
+    by a time limit keeps what it measured. ``budget_s``: start no provider after that many
+    seconds (the ones left are listed, and ``--check`` reports their cases as not measured).
+    """
     env = environment()
-    records = []
-    for i, case in enumerate(cases, 1):
-        shape = ",".join(f"{k}={v}" for k, v in case.shape.items())
-        for provider, build in case.providers.items():
-            progress(f"[{i}/{len(cases)}] {case.op} {shape} {provider} ...")
-            try:
-                stats = time_fn(build(), device)
-            except Exception as exc:  # a provider that cannot run this case (e.g. OOM): recorded, not fatal
-                progress(f"    {provider} failed: {type(exc).__name__}: {exc}")
-                stats = {"median_ms": None, "p20": None, "p80": None, "peak_mem_bytes": None, "error": str(exc)}
-            torch.cuda.empty_cache()
-            rec = {"op": case.op, "shape": case.shape, "dtype": dtype_name(case.dtype), "provider": provider,
-                   **stats, **{k: env[k] for k in ("gpu_name", "torch", "triton", "commit")}}
-            if stats["median_ms"] and case.flops:
-                rec["tflops"] = case.flops / stats["median_ms"] / 1e9
-            if stats["median_ms"] and case.bytes:
-                rec["gb_per_s"] = case.bytes / stats["median_ms"] / 1e6
-            records.append(rec)
+    path = None
+    existing: list[dict] = []
+    if out:
+        path = out if out.endswith(".json") else results_path(out, env["gpu_name"])
+        if os.path.exists(path):
+            existing = load_records(path)
+    start = time.monotonic()
+    order = [(case, provider) for late in (False, True) for case in cases for provider in case.providers
+             if is_late(provider) == late and provider not in skip]
+    records, skipped = [], []
+    for n, (case, provider) in enumerate(order, 1):
+        shape = _shape_str(case)
+        if budget_s is not None and time.monotonic() - start > budget_s:
+            skipped.append(f"{case.op} {shape} {provider}")
+            continue
+        progress(f"[{n}/{len(order)} {time.monotonic() - start:.0f}s] {case.op} {shape} {provider} ...")
+        t0 = time.perf_counter()
+        build_s = None
+        try:
+            with case.context(provider):
+                fn = case.providers[provider]()
+                build_s = time.perf_counter() - t0
+                stats = time_fn(fn, device, case.rep_ms)
+        except Exception as exc:  # a provider that cannot run this case (OOM, compile error): recorded, not fatal
+            progress(f"    {provider} failed: {type(exc).__name__}: {str(exc)[:500]}")
+            stats = {"median_ms": None, "p20": None, "p80": None, "peak_mem_bytes": None,
+                     "error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
+        fn = None
+        gc.collect()
+        if is_late(provider):
+            import torch._dynamo as dynamo
+
+            dynamo.reset()  # drop the compiled graphs (and what they hold) before the next build
+        torch.cuda.empty_cache()
+        rec = {"op": case.op, "shape": case.shape, "dtype": dtype_name(case.dtype), "provider": provider,
+               **stats, **{k: env[k] for k in ("gpu_name", "torch", "triton", "commit")}}
+        if build_s is not None:
+            rec["build_s"] = build_s
+        if case.flops:
+            rec["flops"] = case.flops
+        if case.bytes:
+            rec["bytes"] = case.bytes
+        if stats["median_ms"] and case.flops:
+            rec["tflops"] = case.flops / stats["median_ms"] / 1e9
+        if stats["median_ms"] and case.bytes:
+            rec["gb_per_s"] = case.bytes / stats["median_ms"] / 1e6
+        records.append(rec)
+        if path:
+            _add_ratios(records)
+            dump(merge(existing, records), path)
     _add_ratios(records)
     print(table(records, [("op", "op"), ("shape", "shape"), ("provider", "provider"), ("median ms", "median_ms"),
                           ("p20", "p20"), ("p80", "p80"), ("x base", "vs_cublas_base"), ("eager/this", "speedup_vs_eager"),
-                          ("peft/this", "speedup_vs_peft"), ("TFLOP/s", "tflops"), ("GB/s", "gb_per_s"),
-                          ("peak MiB", "peak_mib")]))
-    if out_dir:
-        path = results_path(out_dir, env["gpu_name"])
-        dump(records, path)
-        print(f"\nwrote {path} ({len(records)} records, {env['gpu_name']})")
+                          ("compile/this", "speedup_vs_compile"), ("peft/this", "speedup_vs_peft"),
+                          ("TFLOP/s", "tflops"), ("GB/s", "gb_per_s"), ("peak MiB", "peak_mib"), ("build s", "build_s")]))
+    if skipped:
+        print(f"\nout of time budget ({budget_s:g} s): {len(skipped)} provider(s) not run:")
+        for s in skipped:
+            print(f"  {s}")
+    if path:
+        print(f"\nwrote {path} ({len(records)} records this run, {env['gpu_name']})")
     return records
 
 
 def _add_ratios(records: list[dict]) -> None:
-    """Ratios whose two sides ran in this process: time / base time, eager time / time."""
+    """Ratios whose two sides ran in this process: time / base time, other time / time."""
     by_case: dict = {}
     for r in records:
         by_case.setdefault((r["op"], str(r["shape"]), r["dtype"]), {})[r["provider"]] = r
@@ -68,7 +120,7 @@ def _add_ratios(records: list[dict]) -> None:
             if not ms:
                 continue
             for other, key, flip in (("cublas_base", "vs_cublas_base", False), ("eager", "speedup_vs_eager", True),
-                                     ("peft", "speedup_vs_peft", True)):
+                                     ("compile", "speedup_vs_compile", True), ("peft", "speedup_vs_peft", True)):
                 o = group.get(other, {}).get("median_ms")
                 if o and other != r["provider"]:
                     r[key] = o / ms if flip else ms / o
@@ -77,12 +129,17 @@ def _add_ratios(records: list[dict]) -> None:
 def run_parity(cases: list[Case]) -> bool:
     rows, ok = [], True
     for i, case in enumerate(cases, 1):
-        shape = ",".join(f"{k}={v}" for k, v in case.shape.items())
+        shape = _shape_str(case)
+        if not case.compare:
+            progress(f"[{i}/{len(cases)}] {case.op} {shape}: no parity (timing only)")
+            continue
         progress(f"[{i}/{len(cases)}] {case.op} {shape}")
         t0 = time.perf_counter()
-        expect = case.providers[case.parity_with]()()
+        with case.context(case.parity_with):
+            expect = case.providers[case.parity_with]()()
         for provider in case.compare:
-            got = case.providers[provider]()()
+            with case.context(provider):
+                got = case.providers[provider]()()
             err = rel_err(got, expect)
             good = err <= PARITY_BOUND  # NaN compares False: never passes
             ok &= good
