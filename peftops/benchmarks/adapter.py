@@ -1,8 +1,11 @@
 """Bottleneck adapter benchmark cases: ``peftops.bottleneck_adapter`` vs the eager formula
 (``reference.bottleneck_adapter``: Linear, act, Linear, scale, add -- each a pass over
-memory) and vs the byte floor.
+memory), that formula under ``torch.compile`` (``compile``), and the byte floor (bars in
+bench/targets.toml: the forward against the HBM floor ``bytes / 3 TB/s``, the forward +
+backward against eager). ``peftops[<path>]``: each path of ``peftops.ops.adapter.PATHS``
+forced, when the module has that table.
 
-Shapes: T = 8192 tokens, d = 4096, m in {64, 256}, bf16 (``small``: T = 33, d = 37,
+Shapes: T = 8192 tokens, d in {1024, 4096}, m in {64, 256}, bf16 (``small``: T = 33, d = 37,
 m in {8, 24} for the CPU parity pass). Forward (inference, no autograd) and forward +
 backward (gradients of h, residual, both weights and both biases).
 
@@ -27,17 +30,16 @@ import torch
 
 from .. import reference
 from ..ops.adapter import bottleneck_adapter
-from .core import Case
+from .core import Case, compiled, generator, randn, warmed
 
 GRAD_NAMES = ("h", "down_weight", "down_bias", "up_weight", "up_bias", "residual")
 
 
 def _inputs(T, d, m, device, dtype, requires_grad, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = generator(device, seed)
 
     def r(*shape, scale=1.0):
-        t = (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
-        return t.requires_grad_(requires_grad)
+        return randn(g, *shape, dtype=dtype, scale=scale).requires_grad_(requires_grad)
 
     return dict(h=r(T, d), down_weight=r(m, d, scale=d ** -0.5), down_bias=r(m, scale=0.5),
                 up_weight=r(d, m, scale=m ** -0.5), up_bias=r(d, scale=0.5), residual=r(T, d))
@@ -73,7 +75,7 @@ def _base(T, d, m, device, dtype):
 def _forward_backward(fn, T, d, m, device, dtype):
     def build():
         args = _inputs(T, d, m, device, dtype, True)
-        dout = torch.randn(T, d, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+        dout = randn(generator(device, 1), T, d, dtype=dtype)
         wrt = [args[n] for n in GRAD_NAMES]
 
         def run():
@@ -84,26 +86,32 @@ def _forward_backward(fn, T, d, m, device, dtype):
 
 
 def cases(device: torch.device, dtype: torch.dtype, small: bool) -> list[Case]:
-    T, d = (33, 37) if small else (8192, 4096)
+    T, dims = (33, (37,)) if small else (8192, (1024, 4096))
     widths = (8, 24) if small else (64, 256)
     elt = torch.empty((), dtype=dtype).element_size()
     out = []
-    for m in widths:
-        shape = {"T": T, "d": d, "m": m}
-        fwd_bytes = elt * (3 * T * d + 2 * m * d + m + d)
-        out.append(Case(
-            op="bottleneck_adapter_fwd", shape=shape, dtype=dtype,
-            providers={"peftops": _forward(bottleneck_adapter, T, d, m, device, dtype),
-                       "eager": _forward(reference.bottleneck_adapter, T, d, m, device, dtype),
-                       "cublas_base": _base(T, d, m, device, dtype)},
-            flops=4.0 * T * d * m,
-            bytes=fwd_bytes,
-        ))
-        out.append(Case(
-            op="bottleneck_adapter_fwd_bwd", shape=shape, dtype=dtype,
-            providers={"peftops": _forward_backward(bottleneck_adapter, T, d, m, device, dtype),
-                       "eager": _forward_backward(reference.bottleneck_adapter, T, d, m, device, dtype)},
-            flops=12.0 * T * d * m,
-            bytes=elt * (6 * T * d + 6 * m * d + 2 * m + 2 * d),
-        ))
+    for d in dims:
+        for m in widths:
+            shape = {"T": T, "d": d, "m": m}
+            fwd_bytes = elt * (3 * T * d + 2 * m * d + m + d)
+            formula = compiled(reference.bottleneck_adapter)
+            out.append(Case(
+                op="bottleneck_adapter_fwd", shape=shape, dtype=dtype,
+                providers={"peftops": _forward(bottleneck_adapter, T, d, m, device, dtype),
+                           "eager": _forward(reference.bottleneck_adapter, T, d, m, device, dtype),
+                           "cublas_base": _base(T, d, m, device, dtype),
+                           "compile": warmed(_forward(formula, T, d, m, device, dtype))},
+                flops=4.0 * T * d * m,
+                bytes=fwd_bytes,
+                paths_from="peftops.ops.adapter",
+            ))
+            out.append(Case(
+                op="bottleneck_adapter_fwd_bwd", shape=shape, dtype=dtype,
+                providers={"peftops": _forward_backward(bottleneck_adapter, T, d, m, device, dtype),
+                           "eager": _forward_backward(reference.bottleneck_adapter, T, d, m, device, dtype),
+                           "compile": warmed(_forward_backward(formula, T, d, m, device, dtype))},
+                flops=12.0 * T * d * m,
+                bytes=elt * (6 * T * d + 6 * m * d + 2 * m + 2 * d),
+                paths_from="peftops.ops.adapter",
+            ))
     return out

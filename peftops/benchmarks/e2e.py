@@ -1,18 +1,26 @@
 """End-to-end bench: one training step (forward + backward of the loss) of a Llama-style
 model built from a config (random weights, no download) with LoRA r=16 on every linear
-layer, plain peft vs peft + ``peftops.accelerate``.
+layer: plain peft vs peft + ``peftops.accelerate``, each eager and under ``torch.compile``.
 
 ``small=False``: ~1.1B parameters (TinyLlama-1.1B's shape: hidden 2048, 22 layers, 32 heads,
-4 kv heads, FFN 5632, vocab 32000), bf16, batch 1 x seq 2048; two cases: LoRA weights in
-the model dtype, and in fp32 (peft's default ``autocast_adapter_dtype``). ``small=True``: the tiny
-Llama (hidden 64, 2 layers) for the CPU parity pass. Each provider returns
-``(loss, *LoRA grads)`` so the same case serves GPU timing and CPU parity.
+4 kv heads, FFN 5632, vocab 32000), bf16, batch 4 x seq 2048 (as in shared/PERF.md); two
+cases: LoRA weights in the model dtype (providers ``peft``, ``peftops``, ``compile`` = peft
+under torch.compile, ``peftops_compile`` = peft + peftops under torch.compile), and in fp32
+(peft's default ``autocast_adapter_dtype``; ``peft``, ``peftops``). torch.compile is applied
+per decoder layer (``layer.compile()``, "regional compilation": the 22 identical layers
+share one compiled graph, so it compiles in seconds instead of the ~100 s of the whole
+model), in the build, warmed up there (timing excludes compilation). Each record has the
+step's peak memory (``peak_total_bytes``: model, optimizer-free step, activations). The
+bars (bench/targets.toml) compare these providers with each other.
+``small=True``: the tiny Llama (hidden 64, 2 layers) for the CPU parity pass, peft vs
+peftops only. Each provider returns ``(loss, *LoRA grads)`` so the same case serves GPU
+timing and CPU parity.
 """
 from __future__ import annotations
 
 import torch
 
-from .core import Case, dtype_name
+from .core import Case, dtype_name, raise_recompile_limits, warmed
 
 SIZES = {
     # name: (LlamaConfig kwargs, batch, seq, LoRA r)
@@ -21,7 +29,7 @@ SIZES = {
     "medium": (dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4, num_attention_heads=32,
                     num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048), 1, 1024, 16),
     "1b": (dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048), 1, 2048, 16),
+                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048), 4, 2048, 16),
 }
 
 
@@ -54,6 +62,20 @@ def build_model(size: str, device, dtype: torch.dtype, accelerated: bool, seed: 
     return model
 
 
+def compile_layers(model) -> int:
+    """Regional compilation: ``torch.compile`` each decoder layer in place (the identical
+    layers share one graph). Returns how many layers were compiled."""
+    raise_recompile_limits()
+    n = 0
+    for module in model.modules():
+        if type(module).__name__.endswith("DecoderLayer"):
+            module.compile(dynamic=False)
+            n += 1
+    if not n:
+        raise RuntimeError("no decoder layer found to compile")
+    return n
+
+
 def batch(size: str, device, seed: int = 0) -> torch.Tensor:
     cfg_kw, b, t, _ = SIZES[size]
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -82,20 +104,27 @@ def cases(device, dtype, small: bool) -> list[Case]:
     size = "tiny" if small else "1b"
     cfg_kw, b, t, r = SIZES[size]
 
-    def make(accelerated, fp32_adapters):
+    def make(accelerated, fp32_adapters, compile_=False):
         def build():
             model = build_model(size, device, dtype, accelerated, fp32_adapters=fp32_adapters)
+            if compile_:
+                compile_layers(model)
             return step_fn(model, batch(size, device))
-        return build
+        return warmed(build) if compile_ else build
 
     tokens = b * t
     n = base_params(size)
     # Frozen base: forward 2 N T + backward dx only 2 N T (no dW); attention not counted.
     flops = 4.0 * n * tokens
     variants = [False] if small or dtype == torch.float32 else [False, True]
-    return [Case(op="e2e_llama_lora_train_step",
-                 shape=dict(size=size, batch=b, seq=t, r=r, params=n,
-                            adapters="fp32" if fp32 else dtype_name(dtype)), dtype=dtype,
-                 providers={"peft": make(False, fp32), "peftops": make(True, fp32)}, flops=flops,
-                 bytes=2.0 * n * dtype.itemsize, parity_with="peft", compare=("peftops",))
-            for fp32 in variants]
+    out = []
+    for fp32 in variants:
+        providers = {"peft": make(False, fp32), "peftops": make(True, fp32)}
+        if not small and not fp32:
+            providers.update({"compile": make(False, fp32, True), "peftops_compile": make(True, fp32, True)})
+        out.append(Case(op="e2e_llama_lora_train_step",
+                        shape=dict(size=size, batch=b, seq=t, r=r, params=n,
+                                   adapters="fp32" if fp32 else dtype_name(dtype)), dtype=dtype,
+                        providers=providers, flops=flops, bytes=2.0 * n * dtype.itemsize,
+                        parity_with="peft", compare=("peftops",), rep_ms=1500.0))
+    return out

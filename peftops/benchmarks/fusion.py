@@ -1,8 +1,11 @@
 """AdapterFusion benchmark cases: ``peftops.adapter_fusion`` vs the eager formula
-(``reference.adapter_fusion``: N separate key and value projections, 2N + 1 GEMMs).
+(``reference.adapter_fusion``: N separate key and value projections, 2N + 1 GEMMs) and vs
+that formula under ``torch.compile`` (``compile``: the bar's denominator, bench/targets.toml);
+``peftops[<path>]`` for each path of ``peftops.ops.fusion.PATHS`` when the module has one.
 
-Shapes: T = 8192 tokens, d = 4096, N in {2, 8, 16} adapters (``small``: T = 33, d = 37 for
-the CPU parity pass). Forward (inference, no autograd) and forward + backward (every
+Shapes: T = 8192 tokens, d in {1024, 4096}, N in {2, 3, 8, 16} adapters (the largest, d = 4096
+N = 16 forward + backward, holds ~10 GB in eager: fits 80 GB) (``small``: T = 33, d = 37,
+N in {2, 3} for the CPU parity pass). Forward (inference, no autograd) and forward + backward (every
 gradient but key_bias, whose true value is 0 and which eager returns as rounding noise).
 
 FLOPs are the fused algorithm's: forward 3 GEMMs (Q, qk = Q Wk, m Wv^T) = 6 T d^2 plus the
@@ -18,7 +21,7 @@ import torch
 
 from .. import reference
 from ..ops.fusion import adapter_fusion
-from .core import Case
+from .core import Case, compiled, generator, randn, warmed
 
 NAMES = ("query", "adapter_outputs", "residual", "query_weight", "query_bias", "key_weight", "key_bias",
          "value_weight")
@@ -26,11 +29,10 @@ GRAD_NAMES = ("query", "adapter_outputs", "residual", "query_weight", "query_bia
 
 
 def _inputs(T, N, d, device, dtype, requires_grad, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = generator(device, seed)
 
     def r(*shape, scale=1.0):
-        t = (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
-        return t.requires_grad_(requires_grad)
+        return randn(g, *shape, dtype=dtype, scale=scale).requires_grad_(requires_grad)
 
     return dict(
         query=r(T, d), adapter_outputs=r(T, N, d), residual=r(T, d),
@@ -54,7 +56,7 @@ def _forward(fn, T, N, d, device, dtype):
 def _forward_backward(fn, T, N, d, device, dtype):
     def build():
         args = _inputs(T, N, d, device, dtype, True)
-        dout = torch.randn(T, d, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+        dout = randn(generator(device, 1), T, d, dtype=dtype)
         wrt = [args[n] for n in GRAD_NAMES]
 
         def run():
@@ -65,25 +67,31 @@ def _forward_backward(fn, T, N, d, device, dtype):
 
 
 def cases(device: torch.device, dtype: torch.dtype, small: bool) -> list[Case]:
-    T, d = (33, 37) if small else (8192, 4096)
+    T, dims, widths = (33, (37,), (2, 3)) if small else (8192, (1024, 4096), (2, 3, 8, 16))
     elt = torch.empty((), dtype=dtype).element_size()
     out = []
-    for N in (2, 8, 16):
-        shape = {"T": T, "N": N, "d": d}
-        gemm = 2.0 * T * d * d
-        fwd_bytes = elt * (T * d * (N + 3) + 3 * d * d + 2 * d)
-        out.append(Case(
-            op="adapter_fusion_fwd", shape=shape, dtype=dtype,
-            providers={"peftops": _forward(adapter_fusion, T, N, d, device, dtype),
-                       "eager": _forward(reference.adapter_fusion, T, N, d, device, dtype)},
-            flops=3 * gemm + 4.0 * T * N * d,
-            bytes=fwd_bytes,
-        ))
-        out.append(Case(
-            op="adapter_fusion_fwd_bwd", shape=shape, dtype=dtype,
-            providers={"peftops": _forward_backward(adapter_fusion, T, N, d, device, dtype),
-                       "eager": _forward_backward(reference.adapter_fusion, T, N, d, device, dtype)},
-            flops=9 * gemm + 12.0 * T * N * d,
-            bytes=fwd_bytes + elt * (T * d * (2 * N + 3) + 6 * d * d + 2 * d),
-        ))
+    for d in dims:
+        for N in widths:
+            shape = {"T": T, "N": N, "d": d}
+            gemm = 2.0 * T * d * d
+            fwd_bytes = elt * (T * d * (N + 3) + 3 * d * d + 2 * d)
+            formula = compiled(reference.adapter_fusion)
+            out.append(Case(
+                op="adapter_fusion_fwd", shape=shape, dtype=dtype,
+                providers={"peftops": _forward(adapter_fusion, T, N, d, device, dtype),
+                           "eager": _forward(reference.adapter_fusion, T, N, d, device, dtype),
+                           "compile": warmed(_forward(formula, T, N, d, device, dtype))},
+                flops=3 * gemm + 4.0 * T * N * d,
+                bytes=fwd_bytes,
+                paths_from="peftops.ops.fusion",
+            ))
+            out.append(Case(
+                op="adapter_fusion_fwd_bwd", shape=shape, dtype=dtype,
+                providers={"peftops": _forward_backward(adapter_fusion, T, N, d, device, dtype),
+                           "eager": _forward_backward(reference.adapter_fusion, T, N, d, device, dtype),
+                           "compile": warmed(_forward_backward(formula, T, N, d, device, dtype))},
+                flops=9 * gemm + 12.0 * T * N * d,
+                bytes=fwd_bytes + elt * (T * d * (2 * N + 3) + 6 * d * d + 2 * d),
+                paths_from="peftops.ops.fusion",
+            ))
     return out

@@ -1,6 +1,8 @@
 """(IA)^3 benchmark cases: ``peftops.ia3_linear`` vs the frozen base GEMM alone
-(``cublas_base``, the physical floor: target <= 1.02x), the eager formula
-(``reference.ia3_linear``) and HF PEFT's own IA3 ``Linear`` layer (``peft``).
+(``cublas_base``, the physical floor; bars in bench/targets.toml), the eager formula
+(``reference.ia3_linear``), that formula under ``torch.compile`` (``compile``), HF PEFT's
+own IA3 ``Linear`` layer (``peft``), and peftops with each path of ``peftops.ops.ia3``'s
+``PATHS`` forced (``peftops[<path>]``, when the module has the table).
 
 Shapes: T in {16, 8192} tokens, in = out = 4096 (``small``: T in {1, 37}, in 45, out 67 for
 the CPU parity pass), output scaling (k / v) and input scaling (feed-forward). Forward runs
@@ -19,14 +21,14 @@ import torch.nn.functional as F
 
 from .. import reference
 from ..ops.ia3 import ia3_linear
-from .core import Case
+from .core import Case, compiled, generator, randn, warmed
 
 
 def _inputs(T, n_in, n_out, ff, device, dtype, requires_grad, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = generator(device, seed)
 
     def r(*shape, scale=1.0, shift=0.0):
-        return (torch.randn(*shape, generator=g) * scale + shift).to(device=device, dtype=dtype)
+        return randn(g, *shape, dtype=dtype, scale=scale, shift=shift)
 
     x = r(T, n_in).requires_grad_(requires_grad)
     weight = r(n_out, n_in, scale=n_in ** -0.5)
@@ -52,15 +54,17 @@ def _peft_layer(weight, bias, l, ff):
 
 
 def _provider(name, T, n_in, n_out, ff, device, dtype, backward):
+    formula = compiled(reference.ia3_linear) if name == "compile" else reference.ia3_linear
+
     def build():
         x, weight, bias, l = _inputs(T, n_in, n_out, ff, device, dtype, backward)
         if name == "peftops":
             def fn():
                 return ia3_linear(x, weight, bias, l, feedforward=ff)
             wrt = [x, l]
-        elif name == "eager":
+        elif name in ("eager", "compile"):
             def fn():
-                return reference.ia3_linear(x, weight, bias, l, feedforward=ff)
+                return formula(x, weight, bias, l, feedforward=ff)
             wrt = [x, l]
         elif name == "peft":
             layer = _peft_layer(weight, bias, l, ff)
@@ -79,14 +83,14 @@ def _provider(name, T, n_in, n_out, ff, device, dtype, backward):
                 with torch.no_grad():
                     return fn()
             return run
-        dy = torch.randn(T, n_out, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+        dy = randn(generator(device, 1), T, n_out, dtype=dtype)
 
         def run():
             grads = torch.autograd.grad(fn(), wrt, dy)
             # (dx, dl) with dl flat: peft's l is stored (out, 1) / (1, in)
             return tuple(g if i == 0 else g.reshape(-1) for i, g in enumerate(grads))
         return run
-    return build
+    return warmed(build) if name == "compile" else build
 
 
 def cases(device: torch.device, dtype: torch.dtype, small: bool) -> list[Case]:
@@ -100,7 +104,7 @@ def cases(device: torch.device, dtype: torch.dtype, small: bool) -> list[Case]:
             gemm = 2.0 * T * n_in * n_out
             fwd_bytes = elt * (T * n_in + n_in * n_out + T * n_out + n_out + n)
             bwd_bytes = elt * (T * n_out + n_in * n_out + T * n_in + (T * n_in if ff else T * n_out) + n)
-            names = ("peftops", "eager", "peft", "cublas_base")
+            names = ("peftops", "eager", "peft", "cublas_base", "compile")
             for backward in (False, True):
                 out.append(Case(
                     op="ia3_fwd_bwd" if backward else "ia3_fwd", shape=shape, dtype=dtype,
@@ -109,5 +113,6 @@ def cases(device: torch.device, dtype: torch.dtype, small: bool) -> list[Case]:
                     bytes=fwd_bytes + (bwd_bytes if backward else 0),
                     parity_with="eager",
                     compare=("peftops", "peft"),
+                    paths_from="peftops.ops.ia3",
                 ))
     return out

@@ -4,7 +4,9 @@ gated SeqBn adapter with reduction 16 after the FFN) vs the same block without P
 
 Providers: ``peftops`` (the UniPELT block on the fused kernels), ``eager`` (the same UniPELT
 block on the plain-PyTorch reference: ``PEFTOPS_BACKEND=reference`` during the call),
-``cublas_base`` (the frozen block alone: torch linears + SDPA, no PEFT; the floor).
+``compile`` (that reference block under ``torch.compile``, compiled and warmed in the
+build), ``cublas_base`` (the frozen block alone: torch linears + SDPA, no PEFT; the floor
+and the bar's denominator, bench/targets.toml).
 Forward (no autograd) and forward + backward (gradients of the input and of every trainable
 parameter; for the base block, of the input only). Shapes: hidden 4096, Hq = 32, Hkv = 8,
 head_dim 128, FFN 11008, B = 4, T = 2048 (``small``: hidden 48, 4 / 2 heads of 12, FFN 64,
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.unipelt import UniPELTConfig, UniPELTLayer
-from .core import Case
+from .core import Case, raise_recompile_limits, warmed
 
 
 class _Block(nn.Module):
@@ -70,7 +72,7 @@ def _backend(name):
             os.environ["PEFTOPS_BACKEND"] = prev
 
 
-def _build(dims, B, T, device, dtype, *, pelt, backward, backend=None):
+def _build(dims, B, T, device, dtype, *, pelt, backward, backend=None, compile_=False):
     def build():
         torch.manual_seed(0)
         blk = _Block(*dims)
@@ -84,9 +86,13 @@ def _build(dims, B, T, device, dtype, *, pelt, backward, backend=None):
         for n, p in blk.named_parameters():
             p.requires_grad_(n.startswith("pelt."))
         blk = blk.to(device=device, dtype=dtype)
+        if compile_:
+            raise_recompile_limits()
+            blk = torch.compile(blk, dynamic=False)
         x = torch.randn(B, T, dims[0], generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
         dout = torch.randn(B, T, dims[0], generator=torch.Generator().manual_seed(2)).to(device=device, dtype=dtype)
         wrt = [x.requires_grad_(backward)] + [p for p in blk.parameters() if p.requires_grad]
+
         def run():
             with _backend(backend) if backend else contextlib.nullcontext():
                 if not backward:
@@ -119,6 +125,8 @@ def cases(device: torch.device, dtype: torch.dtype, small: bool) -> list[Case]:
             providers={
                 "peftops": _build(dims, B, T, device, dtype, pelt=True, backward=backward),
                 "eager": _build(dims, B, T, device, dtype, pelt=True, backward=backward, backend="reference"),
+                "compile": warmed(_build(dims, B, T, device, dtype, pelt=True, backward=backward, backend="reference",
+                                         compile_=True)),
                 "cublas_base": _build(dims, B, T, device, dtype, pelt=False, backward=backward),
             },
             flops=mult * (base + extra),
