@@ -1,8 +1,9 @@
-"""Command line: ``python -m peftops {demo,bench,compile-check}``.
+"""Command line: ``python -m peftops {demo,bench,report,compile-check}``.
 
 Without a GPU, the Triton kernels run in Triton's CPU interpreter; the interpreter must
 be switched on before triton is imported, so the CLI re-executes itself with
-``TRITON_INTERPRET=1`` when it is missing.
+``TRITON_INTERPRET=1`` when it is missing. ``bench --check`` and ``report`` only read
+results files and run no kernel.
 """
 from __future__ import annotations
 
@@ -34,14 +35,41 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m peftops", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     for name, text in (("demo", "the main job: fused vs eager on the default shapes, then the tiny-Llama side-by-side"),
-                       ("bench", "kernel benchmarks (GPU) or a parity pass (no GPU)")):
+                       ("bench", "kernel benchmarks (GPU) or a parity pass (no GPU); --check: a results file "
+                                 "against bench/targets.toml")):
         p = sub.add_parser(name, help=text, description=text)
         default = [m for m in METHODS if name == "bench" or m != "e2e"]  # demo runs the tiny Llama itself
         p.add_argument("--methods", default=",".join(default), help=f"comma-separated, from {sorted(METHODS)}")
         p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype for GPU timing (default bf16)")
         p.add_argument("--small", action="store_true", help="small shapes on a GPU too")
-        p.add_argument("--out", default="bench/results", help="directory for the JSON results ('' to skip)")
+        p.add_argument("--out", default="bench/results",
+                       help="directory for the JSON results, merged into <gpu>-<yyyymmdd>.json there, or a .json "
+                            "path ('' to skip)")
+        if name == "bench":
+            p.add_argument("--budget-s", type=float, default=None,
+                           help="start no provider after this many seconds (compiling providers run last)")
+            p.add_argument("--skip-providers", default="", help="comma-separated provider names not to time")
+            p.add_argument("--check", nargs="+", metavar="FILE",
+                           help="run nothing: check results file(s) against the targets; exit status 1 = a case "
+                                "slower than the best of eager / compile / peft, 2 = a bar missed, 4 = a bar not "
+                                "measured (or-ed)")
+            p.add_argument("--targets", default=None, help="targets file (default bench/targets.toml)")
+    p = sub.add_parser("report", help="README performance table and PNG chart from a results file",
+                       description="Write the README's performance table (between <!-- perf:begin --> and "
+                                   "<!-- perf:end -->) and a PNG chart from a results file.")
+    p.add_argument("file", nargs="+", help="results JSON file(s) (later ones override same case + provider)")
+    p.add_argument("--readme", default=None, help="README to rewrite between the markers (else: print the markdown)")
+    p.add_argument("--png", default=None, help="write the chart here")
+    p.add_argument("--targets", default=None, help="targets file (default bench/targets.toml)")
     args = parser.parse_args(argv)
+    if args.cmd == "report":
+        from .benchmarks import report
+
+        return report.main(args.file, readme=args.readme, png=args.png, targets=args.targets)
+    if args.cmd == "bench" and args.check:
+        from .benchmarks import check
+
+        return check.check(args.check, args.targets)
     _ensure_interpreter(argv)
     os.environ.setdefault("PEFTOPS_BACKEND", "auto")
 
@@ -52,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda")
         print(f"GPU: {torch.cuda.get_device_name()} -- timing {', '.join(methods)} in {args.dtype}")
         cases = run.load_cases(methods, device, DTYPES[args.dtype], args.small)
-        run.run_timing(cases, device, args.out or None)
+        run.run_timing(cases, device, args.out or None, budget_s=getattr(args, "budget_s", None),
+                       skip=tuple(p for p in getattr(args, "skip_providers", "").split(",") if p))
         ok = True
     else:
         print("No GPU found: running a parity pass instead of timing (Triton kernels in the CPU "
