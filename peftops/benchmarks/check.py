@@ -220,14 +220,14 @@ def fmt_ms(v: float | None) -> str:
 
 
 def fmt_ratio(t: dict, v: float | None) -> str:
-    """A bar's ratio in its own words: '7.74x cublas_base', '67% of hbm_floor', '0.39x vs eager'."""
+    """A bar's ratio in its own words: '7.74x cublas_base', '67% of HBM floor', '0.39x speed-up vs eager'."""
     if v is None:
         return "-"
     if t["denominator"] == "hbm_floor":
         return f"{v:.0%} of HBM floor"
     if t.get("metric", "median_ms") != "median_ms":
         return f"{v:.2f}x {t['denominator']} mem"
-    return f"{v:.2f}x {t['denominator']}" if t["bar"] == "<=" else f"{v:.2f}x faster than {t['denominator']}"
+    return f"{v:.2f}x {t['denominator']}" if t["bar"] == "<=" else f"{v:.2f}x speed-up vs {t['denominator']}"
 
 
 def fmt_bar(t: dict, key: str = "must") -> str:
