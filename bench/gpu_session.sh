@@ -27,6 +27,10 @@
 # stage cut short keeps what it measured; --check lists the rest as not measured.
 #
 # Only some stages: `bash bench/gpu_session.sh bench e2e check` (names as above; setup always).
+# A second call finishing a first one's bench (compile providers are the ones a full call may
+# not reach): put the first call's JSON in the working tree (it travels with it) and run
+#   RESUME_FROM=bench/results/<file>.json bash bench/gpu_session.sh bench e2e facts check
+# -- the bench then times only the (case, provider) pairs that file lacks, into a copy of it.
 # Debug on CPU first: TRITON_INTERPRET=1 tests, `python -m peftops compile-check`, `bash -n`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -142,7 +146,11 @@ trap write_summary EXIT
 } 2>&1 | tee "$OUT/gpu.txt"
 RESULTS=$("$PY" -c "import sys, torch; from peftops.benchmarks.core import results_path; print(results_path(sys.argv[1], torch.cuda.get_device_name()))" "$OUT" 2>/dev/null)
 [[ -n "$RESULTS" ]] || RESULTS="$OUT/results.json"
-echo "results file: $RESULTS; triton cache: $TRITON_CACHE_DIR"
+RESUME=()
+if [[ -n "${RESUME_FROM:-}" && -f "$RESUME_FROM" ]]; then
+  cp "$RESUME_FROM" "$RESULTS" && chmod u+w "$RESULTS" && RESUME=(--resume)
+fi
+echo "results file: $RESULTS ${RESUME[*]:+(resuming $RESUME_FROM)}; triton cache: $TRITON_CACHE_DIR"
 printf 'setup\tdone\t0\t%s\t-\n' "$(( $(date +%s) - START ))" >> "$OUT/stages.tsv"
 
 # ---------------------------------------------------------------- stages
@@ -151,10 +159,12 @@ inner() { local b; b=$(budget "$1"); echo $(( b > 50 ? b - 25 : b / 2 )); }
 want tests && stage tests env PEFTOPS_TEST_DEVICE=cuda \
   "$PY" -m pytest tests -n 8 -q -p no:cacheprovider --durations=15 --junitxml="$OUT/tests.xml"
 
-want bench && stage bench "$PY" -m peftops bench --methods lora,ia3,adapter,fusion,prefix_attention,unipelt \
-  --out "$RESULTS" --budget-s "$(inner bench)"
+# Method order = the order of the compile pass (run after every other provider): AdapterFusion
+# first, whose bars are against compile.
+want bench && stage bench "$PY" -m peftops bench --methods fusion,lora,ia3,adapter,prefix_attention,unipelt \
+  --out "$RESULTS" --budget-s "$(inner bench)" ${RESUME[@]+"${RESUME[@]}"}
 
-want e2e && stage e2e "$PY" -m peftops bench --methods e2e --out "$RESULTS" --budget-s "$(inner e2e)"
+want e2e && stage e2e "$PY" -m peftops bench --methods e2e --out "$RESULTS" --budget-s "$(inner e2e)" ${RESUME[@]+"${RESUME[@]}"}
 
 want facts && stage facts "$PY" -m peftops.benchmarks.kernel_facts --cache-dir "$TRITON_CACHE_DIR" \
   --out "$OUT/kernel_facts.json"

@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--budget-s", type=float, default=None,
                            help="start no provider after this many seconds (compiling providers run last)")
             p.add_argument("--skip-providers", default="", help="comma-separated provider names not to time")
+            p.add_argument("--resume", action="store_true",
+                           help="skip (case, provider) pairs the --out file already has a time for")
             p.add_argument("--check", nargs="+", metavar="FILE",
                            help="run nothing: check results file(s) against the targets; exit status 1 = a case "
                                 "slower than the best of eager / compile / peft, 2 = a bar missed, 4 = a bar not "
@@ -81,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"GPU: {torch.cuda.get_device_name()} -- timing {', '.join(methods)} in {args.dtype}")
         cases = run.load_cases(methods, device, DTYPES[args.dtype], args.small)
         run.run_timing(cases, device, args.out or None, budget_s=getattr(args, "budget_s", None),
-                       skip=tuple(p for p in getattr(args, "skip_providers", "").split(",") if p))
+                       skip=tuple(p for p in getattr(args, "skip_providers", "").split(",") if p),
+                       resume=getattr(args, "resume", False))
         ok = True
     else:
         print("No GPU found: running a parity pass instead of timing (Triton kernels in the CPU "

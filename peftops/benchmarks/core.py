@@ -43,7 +43,8 @@ class Case:
     parity_with: str = "eager"  # which provider the others are compared with on CPU
     compare: tuple = ("peftops",)  # providers compared (and with what) on the parity pass
     paths_from: str | None = None  # ops module whose ``PATHS`` table gives ``peftops[<path>]`` providers
-    rep_ms: float = 100.0  # do_bench's timing window (a training step: longer, so it runs a few times)
+    rep_ms: float = 100.0  # do_bench's timing window
+    iters: int | None = None  # long calls (a training step): this many timed calls instead of do_bench
     forced: dict = dataclasses.field(default_factory=dict)  # provider -> (PathTable op, path)
 
     def context(self, provider: str):
@@ -161,20 +162,34 @@ def rel_err(a, b) -> float:
     return worst
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, rep_ms: float = 100.0) -> dict:
-    """Median / p20 / p80 milliseconds (``triton.testing.do_bench``: warm-up, L2 flush
-    between runs) and the memory of one call: ``peak_mem_bytes`` above what was allocated
-    before it (the call's own working memory), ``peak_total_bytes`` the device's peak
-    during it (model, inputs and all)."""
-    import triton.testing
-
+def time_fn(fn: Callable[[], object], device: torch.device, rep_ms: float = 100.0, iters: int | None = None) -> dict:
+    """Median / p20 / p80 milliseconds and the memory of one call: ``peak_mem_bytes`` above
+    what was allocated before it (the call's own working memory), ``peak_total_bytes`` the
+    device's peak during it (model, inputs and all). Timing: ``triton.testing.do_bench``
+    (warm-up, L2 flush between runs) over ``rep_ms``; or, for calls of a second or so (``iters``
+    set), that many calls timed one by one with CUDA events after the memory call (do_bench
+    would spend 5 calls estimating first)."""
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     fn()
     torch.cuda.synchronize(device)
     total = torch.cuda.max_memory_allocated(device)
-    med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    if iters:
+        times = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+        med, p20, p80 = (float(v) for v in q)
+    else:
+        import triton.testing
+
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
     return {"median_ms": med, "p20": p20, "p80": p80, "peak_mem_bytes": int(total - base),
             "peak_total_bytes": int(total)}
 

@@ -126,5 +126,5 @@ def cases(device, dtype, small: bool) -> list[Case]:
                         shape=dict(size=size, batch=b, seq=t, r=r, params=n,
                                    adapters="fp32" if fp32 else dtype_name(dtype)), dtype=dtype,
                         providers=providers, flops=flops, bytes=2.0 * n * dtype.itemsize,
-                        parity_with="peft", compare=("peftops",), rep_ms=1500.0))
+                        parity_with="peft", compare=("peftops",), iters=4))
     return out

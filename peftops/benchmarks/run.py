@@ -11,7 +11,7 @@ import torch
 
 from . import METHODS
 from .core import (Case, add_path_providers, dtype_name, dump, environment, is_late, load_records, merge, progress,
-                   rel_err, results_path, table, time_fn)
+                   record_key, rel_err, results_path, table, time_fn)
 
 PARITY_BOUND = 1e-4  # fp32 on the parity pass: providers agree to this relative error
 
@@ -33,7 +33,7 @@ def _shape_str(case: Case) -> str:
 
 
 def run_timing(cases: list[Case], device, out: str | None, *, budget_s: float | None = None,
-               skip: tuple[str, ...] = ()) -> list[dict]:
+               skip: tuple[str, ...] = (), resume: bool = False) -> list[dict]:
     """Time every (case, provider); compiling providers (``is_late``) after all the others.
 
     ``out``: a directory (the file is ``<gpu>-<yyyymmdd>.json`` in it) or a ``.json`` path.
@@ -41,6 +41,8 @@ def run_timing(cases: list[Case], device, out: str | None, *, budget_s: float | 
     replaced, the others kept. The file is rewritten after every provider, so a run stopped
     by a time limit keeps what it measured. ``budget_s``: start no provider after that many
     seconds (the ones left are listed, and ``--check`` reports their cases as not measured).
+    ``resume``: skip the (case, provider) pairs the file already has a time for (a second
+    device call finishing a first one's file; those pairs then come from two processes).
     """
     env = environment()
     path = None
@@ -50,8 +52,13 @@ def run_timing(cases: list[Case], device, out: str | None, *, budget_s: float | 
         if os.path.exists(path):
             existing = load_records(path)
     start = time.monotonic()
+    done = {record_key(r) for r in existing if r.get("median_ms")} if resume else set()
     order = [(case, provider) for late in (False, True) for case in cases for provider in case.providers
-             if is_late(provider) == late and provider not in skip]
+             if is_late(provider) == late and provider not in skip
+             and record_key({"op": case.op, "shape": case.shape, "dtype": dtype_name(case.dtype),
+                             "provider": provider}) not in done]
+    if done:
+        progress(f"resuming {path}: {len(done)} timed records kept, {len(order)} (case, provider) pairs to time")
     records, skipped = [], []
     for n, (case, provider) in enumerate(order, 1):
         shape = _shape_str(case)
@@ -65,7 +72,7 @@ def run_timing(cases: list[Case], device, out: str | None, *, budget_s: float | 
             with case.context(provider):
                 fn = case.providers[provider]()
                 build_s = time.perf_counter() - t0
-                stats = time_fn(fn, device, case.rep_ms)
+                stats = time_fn(fn, device, case.rep_ms, case.iters)
         except Exception as exc:  # a provider that cannot run this case (OOM, compile error): recorded, not fatal
             progress(f"    {provider} failed: {type(exc).__name__}: {str(exc)[:500]}")
             stats = {"median_ms": None, "p20": None, "p80": None, "peak_mem_bytes": None,
