@@ -12,20 +12,41 @@ linearity brings it to three whatever N is:
     sum_n a_n (Wv u_n) = Wv (sum_n a_n u_n)
         -> one GEMM on the mixed m = sum_n a_n u_n.
 
-Forward: Q = q Wq^T + bq, qk = Q Wk (cuBLAS); one Triton pass over u [T, N, d] gives
+Forward: Q = q Wq^T + bq, qk = Q Wk (cuBLAS); one pass over u [T, N, d] gives
 a = softmax(u qk / tau) and m = sum_n a_n u_n; out = residual + m Wv^T (cuBLAS addmm).
 Backward (algebra beside each step in ``_AdapterFusionFn.backward``): two GEMMs for dm and
-dWv, one Triton pass over u for du and dqk, then dQ, dWk, dq, dWq, dbq by GEMMs.
+dWv, one pass over u for du and dqk, then dQ, dWk, dq, dWq, dbq by GEMMs.
+
+Two paths for the passes over u, picked per shape by ``PATHS`` (DESIGN.md, Dispatch), both
+exact; the GEMMs are the same cuBLAS calls on both:
+* ``kernel``: one Triton program per token (``fusion_fwd`` / ``fusion_bwd``), u read once
+  (twice in backward), scores and softmax in fp32 registers.
+* ``eager``: batched matrix products over the tokens (``_mix_fwd`` / ``_mix_bwd``): scores
+  ``bmm(u, qk)``, the mix ``bmm(a, u)``; backward ``bmm(u, dm)`` for the softmax Jacobian,
+  du = ``bmm([a | w], [dm ; qk])`` in one product and dqk = ``bmm(w, u)``.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import _checks, reference
-from .._dispatch import record_launch, use_triton
+from .._dispatch import PathTable, record_launch, use_triton
 from .._launch import empty, kernels
 
-__all__ = ["adapter_fusion"]
+__all__ = ["adapter_fusion", "PATHS"]
+
+# Which path runs on CUDA, first matching row wins (shapes: T tokens, d, N adapters, train).
+PATHS = PathTable("adapter_fusion", paths=("kernel", "eager"), default="kernel", rows=[
+    (lambda d, N, **_: d <= 1024 and N <= 3, "eager",
+     "H100 2026-11-23 (shared/PERF.md) T=8192 d=1024 N=3: fwd+bwd eager 1.36 ms, compile 1.20 vs ours 1.58; "
+     "fwd compile 0.238 vs ours 0.333 (eager, the 2N+1-GEMM reference, 0.419). This path is ours' 3 GEMMs "
+     "(~0.07 ms at d=1024) with the row kernels replaced by batched products over u (50 MB per pass, ~0.02 ms "
+     "each at HBM speed): expected ~0.13 ms fwd, unmeasured (bench provider peftops[eager])"),
+    (lambda **_: True, "kernel",
+     "H100 2026-11-23 T=8192: d=4096 N=2 / 3 / 8 / 16 ours 1.25 / 1.33 / 1.55 / 2.43 ms fwd and 3.64 / 3.84 "
+     "/ 4.41 / 6.04 fwd+bwd vs eager 2.33-15.9 / 7.37-69.6 and compile 2.80 / 8.64 (N=3) (bench/results, "
+     "shared/PERF.md); d=1024 N=8 fwd+bwd ours 1.54 vs compile 1.89, eager 2.74"),
+])
 
 
 def adapter_fusion(
@@ -50,12 +71,15 @@ def adapter_fusion(
     temperature = _check(query, adapter_outputs, residual, query_weight, query_bias, key_weight,
                          key_bias, value_weight, temperature)
     unsupported = "float64" if query.dtype == torch.float64 else None
-    if not use_triton("adapter_fusion", query, adapter_outputs, residual, query_weight, query_bias,
-                      key_weight, key_bias, value_weight, unsupported=unsupported):
+    tensors = (query, adapter_outputs, residual, query_weight, query_bias, key_weight, key_bias, value_weight)
+    if not use_triton("adapter_fusion", *tensors, unsupported=unsupported):
         return reference.adapter_fusion(query, adapter_outputs, residual, query_weight, query_bias,
                                         key_weight, key_bias, value_weight, temperature=temperature)
+    path = PATHS.pick(query.is_cuda, T=query.numel() // query.shape[-1], d=query.shape[-1],
+                      N=adapter_outputs.shape[-2],
+                      train=torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
     return _AdapterFusionFn.apply(query, adapter_outputs, residual, query_weight, query_bias,
-                                  key_weight, key_bias, value_weight, temperature)
+                                  key_weight, key_bias, value_weight, temperature, path)
 
 
 def _check(query, u, residual, wq, bq, wk, bk, wv, temperature):
@@ -94,7 +118,7 @@ def _check(query, u, residual, wq, bq, wk, bk, wv, temperature):
 
 class _AdapterFusionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, adapter_outputs, residual, wq, bq, wk, bk, wv, temperature):
+    def forward(ctx, query, adapter_outputs, residual, wq, bq, wk, bk, wv, temperature, path):
         lead, d = query.shape[:-1], query.shape[-1]
         n_adapters = adapter_outputs.shape[-2]
         q2 = query.reshape(-1, d)
@@ -103,12 +127,13 @@ class _AdapterFusionFn(torch.autograd.Function):
         # Q = q Wq^T + bq;  qk = Q Wk  (so that Q . (Wk u_n) = u_n . qk).
         qq = torch.addmm(bq, q2, wq.t()) if bq is not None else q2 @ wq.t()
         qk = qq @ wk
-        # a = softmax_n(u_n . qk / tau), m = sum_n a_n u_n  (one Triton pass over u).
-        m, a = fusion_fwd(u3, qk, temperature)
+        # a = softmax_n(u_n . qk / tau), m = sum_n a_n u_n  (one Triton pass over u, or two
+        # batched products on the eager path).
+        m, a = fusion_fwd(u3, qk, temperature) if path == "kernel" else _mix_fwd(u3, qk, temperature)
         # out = residual + m Wv^T.
         out = torch.addmm(r2, m, wv.t())
         ctx.save_for_backward(q2, u3, qq, qk, m, a, wq, wk, wv)
-        ctx.temperature, ctx.shapes = temperature, (query.shape, adapter_outputs.shape)
+        ctx.temperature, ctx.shapes, ctx.path = temperature, (query.shape, adapter_outputs.shape), path
         ctx.has_bq, ctx.has_bk = bq is not None, bk is not None
         return out.view(*lead, d)
 
@@ -129,7 +154,10 @@ class _AdapterFusionFn(torch.autograd.Function):
             # The Triton pass (algebra in kernels/fusion.py):
             #   g_n = u_n . dm,  ds_n = a_n (g_n - sum_k a_k g_k),  w_n = ds_n / tau,
             #   du_n = a_n dm + w_n qk,  dqk = sum_n w_n u_n.
-            du3, dqk = fusion_bwd(u3, qk, a, dm, ctx.temperature)
+            if ctx.path == "kernel":
+                du3, dqk = fusion_bwd(u3, qk, a, dm, ctx.temperature)
+            else:
+                du3, dqk = _mix_bwd(u3, qk, a, dm, ctx.temperature)
             if need_u:
                 d_u = du3.view(u_shape)
             if need_q or need_wq or need_bq or need_wk:
@@ -143,7 +171,29 @@ class _AdapterFusionFn(torch.autograd.Function):
                     d_wq = (dqq.t() @ q2) if need_wq else None
                     d_bq = dqq.sum(0, dtype=torch.float32).to(dqq.dtype) if (need_bq and ctx.has_bq) else None
         d_bk = torch.zeros(d, dtype=q2.dtype, device=q2.device) if (need_bk and ctx.has_bk) else None
-        return d_q, d_u, d_r, d_wq, d_bq, d_wk, d_bk, d_wv, None
+        return d_q, d_u, d_r, d_wq, d_bq, d_wk, d_bk, d_wv, None, None
+
+
+# ------------------------------------------------------------------------ eager path
+def _mix_fwd(u, qk, temperature):
+    """The eager path's pass over u ``[T, N, d]``: (m = sum_n a_n u_n ``[T, d]`` in u's dtype,
+    a = softmax_n(u_n . qk / tau) ``[T, N]`` fp32), as ``fusion_fwd``."""
+    s = torch.bmm(u, qk[:, :, None])[:, :, 0]                                    # s_n = u_n . qk      [T, N]
+    a = torch.softmax(s.float() / temperature, dim=-1)                           # a = softmax_n(s / tau), fp32
+    m = torch.bmm(a.to(u.dtype)[:, None, :], u)[:, 0]                            # m = sum_n a_n u_n   [T, d]
+    return m, a
+
+
+def _mix_bwd(u, qk, a, dm, temperature):
+    """The eager path's backward pass over u: (du ``[T, N, d]``, dqk ``[T, d]``) in u's
+    dtype, from dm = dL/dm and the saved a, as ``fusion_bwd``."""
+    g = torch.bmm(u, dm[:, :, None])[:, :, 0].float()                            # g_n = u_n . dm      [T, N]
+    ds = a * (g - (a * g).sum(-1, keepdim=True))                                 # softmax Jacobian: a_n (g_n - sum_k a_k g_k)
+    w = ds / temperature                                                         # w_n = ds_n / tau
+    # du_n = a_n dm + w_n qk: one product [T, N, 2] x [T, 2, d]
+    du = torch.bmm(torch.stack([a, w], dim=-1).to(u.dtype), torch.stack([dm, qk], dim=1))
+    dqk = torch.bmm(w.to(u.dtype)[:, None, :], u)[:, 0]                          # dqk = sum_n w_n u_n [T, d]
+    return du, dqk
 
 
 # ------------------------------------------------------------------------ launchers
