@@ -1,0 +1,80 @@
+"""Every launch config a GPU picks, reached at the smallest shapes that select it.
+
+Launchers choose block sizes, warps and stages by shape (the ``*_config`` functions in
+kernels/*.py). Under the interpreter the suite runs at those GPU configs (tests/conftest.py
+sets ``PEFTOPS_GPU_CONFIGS=1``), so these cases prove each config's edge masking against
+the float64 reference, output and every gradient, and make ``python -m peftops
+compile-check`` (which compiles what the suite launches, for sm_90 and sm_80) see every
+variant a GPU will compile: large-row GEMM tiles, D = 128 / 256 attention tiles, wide
+adapters, AdapterFusion's chunked passes. On CUDA they run the kernels at the same shapes.
+Each op's own kernel path is forced (its dispatch table may prefer a vendor composition).
+"""
+import importlib
+
+import pytest
+import torch
+
+import peftops
+from parity import DTYPES
+
+OPS_WITH_TABLES = ("lora", "unipelt", "ia3", "adapter", "fusion", "prefix_attention")
+
+
+@pytest.fixture(autouse=True)
+def _own_kernels(monkeypatch):
+    """Force the ``kernel`` path of every op that has a path table."""
+    for name in OPS_WITH_TABLES:
+        table = getattr(importlib.import_module(f"peftops.ops.{name}"), "PATHS", None)
+        if table is not None and "kernel" in table.paths:
+            monkeypatch.setenv(f"PEFTOPS_PATH_{table.op.upper()}", "kernel")
+
+
+# --------------------------------------------------------------------- IA3: GEMM row regimes
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("feedforward", [False, True], ids=["output-scaling", "input-scaling"])
+@pytest.mark.parametrize("rows", [9, 100, 300], ids=["M<=16", "M<=256", "M>256"])
+def test_ia3_row_regimes(rows, feedforward, dtype):
+    from test_ia3 import ia3_args, run_parity
+
+    run_parity(ia3_args((rows,), 48, 40, feedforward=feedforward), dtype, feedforward)
+
+
+# ----------------------------------------------------- bottleneck adapter: rows x width regimes
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [24, 100, 200], ids=["m<=64", "m<=128", "m>128"])
+@pytest.mark.parametrize("rows", [7, 40], ids=["T<=16", "T>16"])
+def test_adapter_row_and_width_regimes(rows, m, dtype):
+    from test_adapter import adapter_args, run_parity
+
+    run_parity(adapter_args((rows,), 48, m, gate="token"), dtype, activation="gelu_new")
+
+
+# --------------------------------------------- AdapterFusion: one pass and chunked over d
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,d", [(3, 40), (16, 40), (3, 1100), (3, 2100)],
+                         ids=["one-pass", "N=16", "chunked-bwd", "chunked-fwd-bwd"])
+def test_fusion_pass_regimes(n, d, dtype):
+    from test_fusion import _args, _grads
+    from parity import check_parity
+    from peftops import reference
+
+    args = _args((3,), n, d)
+    check_parity(peftops.adapter_fusion, reference.adapter_fusion, args, _grads(args), dtype)
+
+
+# ----------------------------------------------- prefix attention: head dim x sequence regimes
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("T", [40, 80], ids=["T<=64", "T>64"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_prefix_attention_head_dim_regimes(D, T, causal, dtype):
+    from test_prefix_attention import pa_args, run_parity
+
+    run_parity(pa_args(1, 4, 2, T, 5, D, gate=2), dtype, causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prefix_attention_head_dim_256(dtype):
+    from test_prefix_attention import pa_args, run_parity
+
+    run_parity(pa_args(1, 2, 1, 70, 3, 256), dtype, True)
