@@ -266,3 +266,17 @@ def test_bad_input_checked_on_every_path(path_name):
 
 def test_masters_live_on_the_test_device():
     assert randn(2, 3).device.type == DEVICE.type
+
+
+@FF
+def test_autocast_does_not_recast(path, feedforward):
+    """Like the kernel, every path computes in its inputs' dtype under autocast (the module
+    casts to the autocast dtype itself, as nn.Linear would)."""
+    args = ia3_args((40,), 24, 20, feedforward=feedforward)
+    t = {k: v.float().requires_grad_(k == "x") for k, v in args.items()}
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        y = peftops.ia3_linear(**t, feedforward=feedforward)
+    assert y.dtype == torch.float32
+    y.sum().backward()
+    assert t["x"].grad.dtype == torch.float32
+    assert_close("output", y, reference.ia3_linear(**args, feedforward=feedforward), BOUNDS[torch.float32])

@@ -221,3 +221,16 @@ def test_bad_input_checked_on_every_path(path_name):
     a["prefix_gate"] = torch.rand(2, 3, device=DEVICE)
     with peftops.force_path("prefix_attention", path_name), pytest.raises(ValueError, match="prefix_gate has shape"):
         peftops.prefix_attention(**a)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_autocast_does_not_recast(path, causal):
+    """Like the kernels, every path computes in its inputs' dtype under autocast."""
+    m = pa_args(2, 4, 2, 11, 5, 16, gate=2)
+    a = {n: t.float().requires_grad_(n == "q") for n, t in m.items()}
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = peftops.prefix_attention(**a, is_causal=causal)
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert a["q"].grad.dtype == torch.float32
+    assert_close("output", out, reference.prefix_attention(**m, is_causal=causal), BOUNDS[torch.float32])

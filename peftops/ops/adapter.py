@@ -97,7 +97,10 @@ def bottleneck_adapter(
         return reference.bottleneck_adapter(h, down_weight, down_bias, up_weight, up_bias, residual=residual,
                                             activation=activation, scaling=scaling, gate=gate)
     if PATHS.pick(h.is_cuda, **shape) == "eager":
-        return _eager(h, down_weight, down_bias, up_weight, up_bias, residual, gate, residual2, act, scaling, train)
+        # In the inputs' dtype, as the kernels compute (autocast would recast the GEMMs).
+        with torch.autocast(h.device.type, enabled=False):
+            return _eager(h, down_weight, down_bias, up_weight, up_bias, residual, gate, residual2, act, scaling,
+                          train)
     if train:
         # Aliased inputs (torch.compile cannot trace one tensor passed twice to a Function):
         # residual is h -> passed as None, the kernel reads h and dh gets dY added in place;
@@ -212,6 +215,11 @@ class _AdapterEagerFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        with torch.autocast(dy.device.type, enabled=False):                     # the inputs' dtype, as forward
+            return _AdapterEagerFn._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         h2, down_weight, z, A, A_s, Wx, g = ctx.saved_tensors
         need_h, need_wd, need_bd, need_wu, need_bu, need_res, need_g, need_res2 = ctx.needs_input_grad[:8]
         need_res = need_res and not ctx.res_is_h

@@ -65,7 +65,9 @@ def ia3_linear(
                       feedforward=feedforward)
     # The flat view keeps autograd's shape bookkeeping: dl comes back in ia3_l's own shape.
     if path == "cublas":
-        return _IA3CublasFn.apply(x, weight, bias, ia3_l.reshape(-1), feedforward)
+        # In the inputs' dtype, as the kernel computes (autocast would recast the GEMM).
+        with torch.autocast(x.device.type, enabled=False):
+            return _IA3CublasFn.apply(x, weight, bias, ia3_l.reshape(-1), feedforward)
     return _IA3LinearFn.apply(x, weight, bias, ia3_l.reshape(-1), feedforward)
 
 
@@ -311,6 +313,11 @@ def ia3_cublas_bwd(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None, wf
     """Backward of the ``cublas`` path with W frozen, 2-D tensors: (dx or an empty tensor,
     dl [n] fp32 or an empty tensor). ``wf`` is the folded W' when the forward folded and dx
     is needed (else None); ``y`` the forward output (output scaling only)."""
+    with torch.autocast(x.device.type, enabled=False):                          # the inputs' dtype, as forward
+        return _cublas_bwd(dy, x, y, wf, weight, bias, l, feedforward, need_dx, need_dl)
+
+
+def _cublas_bwd(dy, x, y, wf, weight, bias, l, feedforward, need_dx, need_dl):
     T = x.shape[0]
     n = l.shape[0]
     no_dx, no_dl = x.new_empty(0), l.new_empty(0, dtype=torch.float32)

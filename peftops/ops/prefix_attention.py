@@ -104,7 +104,10 @@ def prefix_attention(
         if shape["row_gate"]:
             raise ValueError(f"prefix_attention: the sdpa path (forced by PEFTOPS_PATH_PREFIX_ATTENTION) cannot take "
                              f"a per-query-row prefix_gate {tuple(prefix_gate.shape)}; use the kernel path")
-        return _sdpa_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_gate, is_causal, scale, key_padding_mask)
+        # In the inputs' dtype, as the kernels compute (autocast would recast the attention).
+        with torch.autocast(q.device.type, enabled=False):
+            return _sdpa_prefix_attention(q, k, v, prefix_k, prefix_v, prefix_gate, is_causal, scale,
+                                          key_padding_mask)
     mask = None if key_padding_mask is None else (key_padding_mask != 0).to(torch.int8).contiguous()
     return _PrefixAttentionFn.apply(q, k, v, prefix_k, prefix_v, prefix_gate, bool(is_causal), scale, mask)
 
