@@ -125,14 +125,18 @@ def assert_close_vs_eager(name: str, out: torch.Tensor, eager: torch.Tensor, ref
 
 def check_parity(op, ref, args: dict, grads: list[str], dtype: torch.dtype, *,
                  bound: float | None = None, ref_kwargs: dict | None = None, op_kwargs: dict | None = None,
-                 out_scale: float = 1.0, vs_eager: bool = False, eager_eps: float = EAGER_EPS):
+                 out_scale: float = 1.0, vs_eager=False, eager_eps: float = EAGER_EPS):
     """Run ``op(**args in dtype)`` and ``ref(**args in float64)``; compare the output and the
     gradients of ``grads`` for a random upstream gradient. Returns (out, ref_out).
 
     ``vs_eager``: also run ``ref`` in ``dtype`` itself (eager PyTorch) on the same inputs and
     bound each output / gradient by ``max(bound, 1.5 x eager's error + eager_eps)``; for
-    half precision at GPU-sized shapes, where eager's own rounding is above ``bound``."""
+    half precision at GPU-sized shapes, where eager's own rounding is above ``bound``.
+    ``True`` for the output and every gradient, or a collection of names (``"output"`` and
+    argument names) for only those; the others keep ``bound``."""
     bound = BOUNDS[dtype] if bound is None else bound
+    eager_names = None if not vs_eager else (None if vs_eager is True else set(vs_eager))
+    vs_eager = bool(vs_eager)
     masters, copies, eager_in = {}, {}, {}
     for name, value in args.items():
         if isinstance(value, torch.Tensor):
@@ -149,7 +153,8 @@ def check_parity(op, ref, args: dict, grads: list[str], dtype: torch.dtype, *,
     eager = ref(**eager_in, **(ref_kwargs or {})) if vs_eager else None
 
     def close(what, got, want, eager_got):
-        if vs_eager:
+        name = what if what == "output" else what[1:]
+        if vs_eager and (eager_names is None or name in eager_names):
             assert_close_vs_eager(what, got, eager_got, want, bound, eager_eps)
         else:
             assert_close(what, got, want, bound)
@@ -178,3 +183,33 @@ def large_case(dtype: torch.dtype) -> dict:
             raise AssertionError("GPU-sized fp32 cases run under tf32: set_float32_matmul_precision('high') first")
         return dict(bound=TF32_BOUND)
     return dict(vs_eager=True)
+
+
+def table_paths(op_module) -> list[str]:
+    """The paths of an ops module's ``PATHS`` table (``["default"]`` for an op without one), for
+    tests that run every path (e.g. the GPU-sized cases, where the table's choice on CUDA would
+    otherwise leave our kernels out)."""
+    table = getattr(op_module, "PATHS", None)
+    return list(table.paths) if table is not None else ["default"]
+
+
+def forced_path(op: str, path: str):
+    """``peftops.force_path(op, path)``; ``"default"`` forces nothing."""
+    import contextlib
+
+    import peftops
+
+    return contextlib.nullcontext() if path == "default" else peftops.force_path(op, path)
+
+
+def assert_dispatched(counts: dict, op: str, kernel_launches=(), any_path_launches=()) -> None:
+    """``op`` ran on Triton's side of the dispatch (not the reference, no fallback) and launched
+    each of ``any_path_launches``; and, where the path its ``PATHS`` table picked was its own
+    kernel (always, for an op without a table), each of ``kernel_launches`` too. A GPU's table
+    may pick a vendor path (cuBLAS, SDPA, eager) that launches fewer or none of ours."""
+    assert counts.get(f"{op}.triton", 0) > 0, f"{op} did not dispatch to Triton: {counts}"
+    assert not counts.get(f"{op}.reference") and not counts.get(f"{op}.fallback"), counts
+    paths = {k.split(":", 1)[1]: n for k, n in counts.items() if k.startswith(f"{op}.path:")}
+    want = list(any_path_launches) + (list(kernel_launches) if not paths or paths.get("kernel") else [])
+    for kern in want:
+        assert counts.get(f"launch.{kern}", 0) > 0, f"{op}: no launch.{kern} (paths {paths}): {counts}"
