@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 
 import peftops
 from peftops import reference
+from peftops.ops import ia3 as ia3_ops
 from peftops.ops.ia3 import _GUARD
-from parity import BOUNDS, DEVICE, DTYPES, TF32_BOUND, assert_close, check_parity, randn
+from parity import (BOUNDS, DEVICE, DTYPES, TF32_BOUND, assert_close, check_parity, forced_path, large_case, randn,
+                    table_paths)
 
 GRADS = ("x", "weight", "bias", "ia3_l")
 
@@ -154,9 +156,12 @@ def test_parity_hypothesis(lead, n_in, n_out, bias, feedforward, peft_shape):
 
 
 def test_kernels_ran_not_reference():
+    """The kernel path's launches (forced: on CUDA the table picks cublas; each path's own
+    launches are counted in tests/test_paths_ia3.py)."""
     for ff in (False, True):
         args = ia3_args((9,), 20, 24, feedforward=ff)
-        run_parity(args, torch.float32, ff, grads=("x", "ia3_l"))
+        with peftops.force_path("ia3", "kernel"):
+            run_parity(args, torch.float32, ff, grads=("x", "ia3_l"))
     counts = peftops.dispatch_counts()
     assert counts.get("ia3.triton", 0) == 2 and counts.get("ia3.reference", 0) == 0
     # forward x2, dx GEMM x2, guard x1 (output scaling)
@@ -201,15 +206,15 @@ def _good():
     (lambda a: a.update(weight=a["weight"][0]), ValueError, "weight must have 2 dims"),
     (lambda a: a.update(bias=a["bias"][:3]), ValueError, "bias has shape"),
     (lambda a: a.update(ia3_l=a["ia3_l"][:5]), ValueError, r"ia3_l has shape \(5,\)"),
-    (lambda a: a.update(ia3_l=torch.ones(8)), ValueError, r"ia3_l has shape \(8,\)"),  # the [in] shape
-    (lambda a: a.update(ia3_l=torch.ones(1, 6)), ValueError, r"ia3_l has shape \(1, 6\)"),  # ff's layout
-    (lambda a: a.update(ia3_l=torch.ones(6, 1, 1)), ValueError, "ia3_l must have 1 or 2 dims"),
-    (lambda a: a.update(ia3_l=torch.ones(6, dtype=torch.float16)), TypeError, "ia3_l has dtype"),
+    (lambda a: a.update(ia3_l=torch.ones(8, device=DEVICE)), ValueError, r"ia3_l has shape \(8,\)"),  # the [in] shape
+    (lambda a: a.update(ia3_l=torch.ones(1, 6, device=DEVICE)), ValueError, r"ia3_l has shape \(1, 6\)"),  # ff's layout
+    (lambda a: a.update(ia3_l=torch.ones(6, 1, 1, device=DEVICE)), ValueError, "ia3_l must have 1 or 2 dims"),
+    (lambda a: a.update(ia3_l=torch.ones(6, dtype=torch.float16, device=DEVICE)), TypeError, "ia3_l has dtype"),
     (lambda a: a.update(weight=a["weight"].half()), TypeError, "weight has dtype"),
     (lambda a: a.update(x=a["x"].long()), TypeError, "x must be a floating-point"),
     (lambda a: a.update(x=None), TypeError, "x must be a tensor"),
     (lambda a: a.update(ia3_l=[1.0] * 6), TypeError, "ia3_l must be a torch.Tensor"),
-    (lambda a: a.update(x=torch.tensor(1.0)), ValueError, "x must have at least 1 dim"),
+    (lambda a: a.update(x=torch.tensor(1.0, device=DEVICE)), ValueError, "x must have at least 1 dim"),
     (lambda a: a.update(ia3_l=a["ia3_l"].to("meta")), ValueError, "ia3_l is on meta"),
 ])
 def test_bad_input(mutate, exc, match):
@@ -263,6 +268,16 @@ def _compare(ours, theirs, x, bound=1e-4, names=None):
             assert_close(f"d{k}", ga, gb, bound)
 
 
+def _assert_kernels_ran(counts, calls):
+    """``calls`` ia3_linear calls (x and l trainable) ran on Triton, each with the launches of
+    the path the table picked: forward + dx GEMM (kernel), dl's column-sum pass (cublas)."""
+    assert counts.get("ia3.triton", 0) == calls and not counts.get("ia3.reference"), counts
+    kernel, cublas = counts.get("ia3.path:kernel", 0), counts.get("ia3.path:cublas", 0)
+    assert kernel + cublas == calls, counts
+    assert counts.get("launch.ia3_gemm", 0) >= 2 * kernel, counts
+    assert counts.get("launch.ia3_colsum", 0) >= cublas, counts
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("ff", [False, True], ids=["out_scale", "in_scale"])
 def test_module_matches_peft(ff, bias):
@@ -280,7 +295,7 @@ def test_module_matches_peft(ff, bias):
     if bias:
         base.bias.requires_grad_(False)
     _compare(ours, theirs, torch.randn(2, 7, 67, device=DEVICE))
-    assert peftops.dispatch_counts().get("launch.ia3_gemm", 0) >= 2
+    _assert_kernels_ran(peftops.dispatch_counts(), calls=1)
 
 
 @pytest.mark.parametrize("ff", [False, True], ids=["out_scale", "in_scale"])
@@ -425,11 +440,11 @@ def test_module_autocast_matches_peft():
 def test_module_bad_args():
     with pytest.raises(TypeError, match="2-D weight"):
         peftops.IA3Linear(nn.ReLU())
-    m = peftops.IA3Linear(nn.Linear(8, 6))
+    m = peftops.IA3Linear(nn.Linear(8, 6, device=DEVICE))
     with pytest.raises(TypeError, match="dtype"):
-        m(torch.randn(2, 8, dtype=torch.float16))
+        m(torch.randn(2, 8, dtype=torch.float16, device=DEVICE))
     with pytest.raises(ValueError, match="x has 5 features"):
-        m(torch.randn(2, 5))
+        m(torch.randn(2, 5, device=DEVICE))
 
 
 @settings(max_examples=6, deadline=None)
@@ -466,7 +481,26 @@ def test_torch_compile_fullgraph():
         assert_close("output", y, ref, 1e-5)
         assert_close("dx", x.grad, m["x"].grad, 1e-5)
         assert_close("dl", l.grad, m["ia3_l"].grad, 1e-5)
-    # Backward launches for both: the forward ones are launched too (seen by tracing
-    # record_launch), but dynamo replays its traced copy of the dispatch Counter after the
-    # compiled forward graph runs, dropping increments made inside that graph.
-    assert peftops.dispatch_counts().get("launch.ia3_gemm", 0) >= 2
+    # Backward launches for both (the dx GEMM on the kernel path, dl's column sum on the
+    # cublas one): the forward ones are launched too (seen by tracing record_launch), but
+    # dynamo replays its traced copy of the dispatch Counter after the compiled forward graph
+    # runs, dropping increments made inside that graph.
+    c = peftops.dispatch_counts()
+    assert c.get("launch.ia3_gemm", 0) + c.get("launch.ia3_colsum", 0) >= 2, c
+
+
+# ------------------------------------------------------------------------ GPU-sized
+@pytest.mark.cuda_only("GPU-sized shapes: hours in the CPU interpreter")
+@pytest.mark.parametrize("feedforward", [False, True], ids=["out_scale", "in_scale"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("path", table_paths(ia3_ops))
+def test_gpu_sized(path, dtype, feedforward):
+    """T = 4096 rows (2 x 2048), d = 1024 in and out, both scalings, each path: output and every
+    gradient (x, W, b, l); fp32 under tf32 at TF32_BOUND, bf16 within 1.5x eager bf16's error."""
+    if dtype == torch.float32:
+        torch.set_float32_matmul_precision("high")
+    with forced_path("ia3", path):
+        run_parity(ia3_args((2, 2048), 1024, 1024, feedforward=feedforward), dtype, feedforward, **large_case(dtype))
+        # frozen base (the PEFT case): dx and dl only
+        run_parity(ia3_args((2, 2048), 1024, 1024, feedforward=feedforward), dtype, feedforward,
+                   grads=("x", "ia3_l"), **large_case(dtype))

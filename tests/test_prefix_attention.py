@@ -1,5 +1,6 @@
 """Prefix attention: fused kernels (Triton interpreter on CPU) vs the float64 concat
 reference, output and every gradient; the PrefixEncoder; bad input; dispatch."""
+import importlib
 import os
 import zlib
 
@@ -12,7 +13,10 @@ from hypothesis import strategies as st
 import peftops
 from peftops import reference
 from peftops.nn.prefix import PrefixEncoder
-from parity import BOUNDS, DEVICE, DTYPES, TF32_BOUND, assert_close, check_parity, copy_as, randn, rel_err
+from parity import (BOUNDS, DEVICE, DTYPES, TF32_BOUND, assert_close, check_parity, copy_as, forced_path, large_case,
+                    randn, rel_err, table_paths)
+
+pa_ops = importlib.import_module("peftops.ops.prefix_attention")  # the package exports a function of that name
 
 GRADS = ["q", "k", "v", "prefix_k", "prefix_v"]
 
@@ -127,7 +131,7 @@ def test_parity_bthd_layout():
     B, T, Hq, Hkv, D, L = 2, 21, 4, 2, 16, 10
     args = dict(q=randn(B, T, Hq, D).transpose(1, 2), k=randn(B, T, Hkv, D).transpose(1, 2),
                 v=randn(B, T, Hkv, D).transpose(1, 2), prefix_k=randn(Hkv, L, D), prefix_v=randn(Hkv, L, D),
-                prefix_gate=torch.rand(B, 2, dtype=torch.float64) + 0.2)
+                prefix_gate=torch.rand(B, 2, dtype=torch.float64, device=DEVICE) + 0.2)
     out, _ = run_parity(args, torch.float32, True)
     assert out.shape == (B, Hq, T, D)
 
@@ -141,7 +145,7 @@ def test_zero_gate_and_custom_scale():
     """gk = 0 makes the prefix keys score 0 (they still take softmax mass); gv = 0 drops
     their values. No division by a gate anywhere."""
     args = pa_args(2, 2, 2, 9, 5, 16, gate=2)
-    args["prefix_gate"] = torch.tensor([[0.0, 0.7], [0.5, 0.0]], dtype=torch.float64)
+    args["prefix_gate"] = torch.tensor([[0.0, 0.7], [0.5, 0.0]], dtype=torch.float64, device=DEVICE)
     check_parity(peftops.prefix_attention, reference.prefix_attention, args, GRADS + ["prefix_gate"],
                  torch.float32, op_kwargs=dict(scale=0.3), ref_kwargs=dict(scale=0.3))
 
@@ -179,7 +183,7 @@ def test_key_padding_mask(causal, dtype):
     so even a fully padded sample has a defined output. Left and right padding."""
     B, T = 3, 19
     args = pa_args(B, 4, 2, T, 10, 16, gate=2)
-    mask = torch.ones(B, T, dtype=torch.long)
+    mask = torch.ones(B, T, dtype=torch.long, device=DEVICE)
     mask[0, 13:] = 0   # right padding
     mask[1, :5] = 0    # left padding
     mask[2, :] = 0     # nothing but the prefix
@@ -190,9 +194,9 @@ def test_key_padding_mask(causal, dtype):
 def test_key_padding_mask_bad_input():
     a = _bad()
     with pytest.raises(ValueError, match="key_padding_mask has shape"):
-        peftops.prefix_attention(**a, key_padding_mask=torch.ones(2, 4, dtype=torch.bool))
+        peftops.prefix_attention(**a, key_padding_mask=torch.ones(2, 4, dtype=torch.bool, device=DEVICE))
     with pytest.raises(TypeError, match="key_padding_mask must be bool or integer"):
-        peftops.prefix_attention(**a, key_padding_mask=torch.ones(2, 5))
+        peftops.prefix_attention(**a, key_padding_mask=torch.ones(2, 5, device=DEVICE))
 
 
 def test_tf32_follows_matmul_precision():
@@ -216,14 +220,16 @@ def test_reference_matches_sdpa():
     ref = reference.prefix_attention(**a, is_causal=True)
     keys = torch.cat([a["prefix_k"].expand(B, -1, -1, -1), a["k"]], 2).repeat_interleave(2, 1)
     vals = torch.cat([a["prefix_v"].expand(B, -1, -1, -1), a["v"]], 2).repeat_interleave(2, 1)
-    mask = torch.ones(T, L + T, dtype=torch.bool).tril(L)
+    mask = torch.ones(T, L + T, dtype=torch.bool, device=DEVICE).tril(L)
     sdpa = F.scaled_dot_product_attention(a["q"], keys, vals, attn_mask=mask)
     assert_close("reference vs sdpa", ref, sdpa, 1e-12)
 
 
 def test_kernels_ran_not_reference():
+    """The kernel path's four launches (forced: a GPU's table may pick SDPA for a shape)."""
     peftops.reset_dispatch_counts()
-    run_parity(pa_args(1, 2, 1, 9, 3, 16, gate=2), torch.float32, True)
+    with peftops.force_path("prefix_attention", "kernel"):
+        run_parity(pa_args(1, 2, 1, 9, 3, 16, gate=2), torch.float32, True)
     c = peftops.dispatch_counts()
     assert c.get("prefix_attention.triton") == 1 and not c.get("prefix_attention.reference")
     for kern in ("prefix_attn_fwd", "prefix_attn_bwd_preprocess", "prefix_attn_bwd_dq", "prefix_attn_bwd_dkdv"):
@@ -267,20 +273,20 @@ def _bad(**over):
 
 
 @pytest.mark.parametrize("args,exc,match", [
-    (lambda: _bad(q=torch.randn(4, 5, 8)), ValueError, "q must have 4 dims"),
-    (lambda: _bad(k=torch.randn(2, 3, 5, 8), v=torch.randn(2, 3, 5, 8)), ValueError, "must divide"),
-    (lambda: _bad(k=torch.randn(2, 2, 6, 8)), ValueError, "k has shape"),
-    (lambda: _bad(v=torch.randn(2, 2, 5, 7)), ValueError, "v has shape"),
-    (lambda: _bad(prefix_k=torch.randn(2, 3, 7)), ValueError, "prefix_k has shape"),
-    (lambda: _bad(prefix_k=torch.randn(3, 2, 3, 8), prefix_v=torch.randn(3, 2, 3, 8)), ValueError, "prefix_k has shape"),
-    (lambda: _bad(prefix_v=torch.randn(2, 4, 8)), ValueError, "prefix_v has shape"),
-    (lambda: _bad(prefix_k=torch.randn(2, 0, 8), prefix_v=torch.randn(2, 0, 8)), ValueError, "L = 0"),
-    (lambda: _bad(prefix_gate=torch.rand(2, 3)), ValueError, "prefix_gate has shape"),
-    (lambda: _bad(prefix_gate=torch.rand(1, 2)), ValueError, "prefix_gate has shape"),
-    (lambda: _bad(prefix_gate=torch.rand(2)), ValueError, "prefix_gate must have 2 or 3 dims"),
-    (lambda: _bad(prefix_gate=torch.rand(2, 4, 2)), ValueError, "prefix_gate has shape"),
-    (lambda: _bad(k=torch.randn(2, 2, 5, 8, dtype=torch.float16)), TypeError, "k has dtype"),
-    (lambda: _bad(q=torch.randint(0, 3, (2, 4, 5, 8))), TypeError, "q must be a floating-point"),
+    (lambda: _bad(q=torch.randn(4, 5, 8, device=DEVICE)), ValueError, "q must have 4 dims"),
+    (lambda: _bad(k=torch.randn(2, 3, 5, 8, device=DEVICE), v=torch.randn(2, 3, 5, 8, device=DEVICE)), ValueError, "must divide"),
+    (lambda: _bad(k=torch.randn(2, 2, 6, 8, device=DEVICE)), ValueError, "k has shape"),
+    (lambda: _bad(v=torch.randn(2, 2, 5, 7, device=DEVICE)), ValueError, "v has shape"),
+    (lambda: _bad(prefix_k=torch.randn(2, 3, 7, device=DEVICE)), ValueError, "prefix_k has shape"),
+    (lambda: _bad(prefix_k=torch.randn(3, 2, 3, 8, device=DEVICE), prefix_v=torch.randn(3, 2, 3, 8, device=DEVICE)), ValueError, "prefix_k has shape"),
+    (lambda: _bad(prefix_v=torch.randn(2, 4, 8, device=DEVICE)), ValueError, "prefix_v has shape"),
+    (lambda: _bad(prefix_k=torch.randn(2, 0, 8, device=DEVICE), prefix_v=torch.randn(2, 0, 8, device=DEVICE)), ValueError, "L = 0"),
+    (lambda: _bad(prefix_gate=torch.rand(2, 3, device=DEVICE)), ValueError, "prefix_gate has shape"),
+    (lambda: _bad(prefix_gate=torch.rand(1, 2, device=DEVICE)), ValueError, "prefix_gate has shape"),
+    (lambda: _bad(prefix_gate=torch.rand(2, device=DEVICE)), ValueError, "prefix_gate must have 2 or 3 dims"),
+    (lambda: _bad(prefix_gate=torch.rand(2, 4, 2, device=DEVICE)), ValueError, "prefix_gate has shape"),
+    (lambda: _bad(k=torch.randn(2, 2, 5, 8, dtype=torch.float16, device=DEVICE)), TypeError, "k has dtype"),
+    (lambda: _bad(q=torch.randint(0, 3, (2, 4, 5, 8), device=DEVICE)), TypeError, "q must be a floating-point"),
     (lambda: _bad(prefix_v=None), TypeError, "prefix_v must be a tensor"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_bad_input(args, exc, match):
@@ -296,10 +302,41 @@ def test_bad_flags():
         peftops.prefix_attention(**a, scale=float("inf"))
 
 
+# ------------------------------------------------------------------ GPU-sized
+def _gpu_sized_cases():
+    """(path, row_gate) pairs: every path of the table; SDPA cannot take per-row gates."""
+    return [(p, row) for p in table_paths(pa_ops) for row in (False, True) if not (row and p == "sdpa")]
+
+
+@pytest.mark.cuda_only("GPU-sized shapes: hours in the CPU interpreter")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("path,row_gate", _gpu_sized_cases(), ids=lambda v: str(v))
+def test_gpu_sized(path, row_gate, dtype, causal):
+    """B = 2, 8 query / 2 kv heads (GQA 4), T = 1024, L = 32, D = 128, gates per sample or per
+    row, each path: output and every gradient (q, k, v, prefix, gate); fp32 under tf32 at
+    TF32_BOUND, bf16 within 1.5x eager bf16's error on the same inputs (parity.large_case).
+
+    fp32's gate gradient (2 or 4 scalars per sample row: sums over T x L of dS * (q . Pk) whose
+    dS rows sum to zero) is also allowed 1.5x eager tf32's error + 1e-4: eager PyTorch's own
+    tf32 error there was 3e-4 .. 8.8e-4 on one draw (CPU emulation of tf32 GEMMs at this
+    shape), everything else <= 5.2e-4."""
+    if dtype == torch.float32:
+        torch.set_float32_matmul_precision("high")
+    kw = dict(large_case(dtype))
+    if dtype == torch.float32:
+        kw.update(vs_eager=["prefix_gate"], eager_eps=1e-4)
+    args = pa_args(2, 8, 2, 1024, 32, 128, gate=2, row_gate=row_gate)
+    flags = dict(is_causal=causal)
+    with forced_path("prefix_attention", path):
+        check_parity(peftops.prefix_attention, reference.prefix_attention, args, GRADS + ["prefix_gate"], dtype,
+                     op_kwargs=flags, ref_kwargs=flags, **kw)
+
+
 # ------------------------------------------------------------------ PrefixEncoder
 def test_encoder_layout_matches_peft_split():
     """PEFT's view: table [L, layers*2*H*D] -> [L, layers*2, H, D] -> per layer key = 2i, value = 2i+1."""
-    enc = PrefixEncoder(3, 2, 8, 5).double()
+    enc = PrefixEncoder(3, 2, 8, 5, device=DEVICE).double()
     table = enc.table()
     per = table.view(5, 3 * 2, 2, 8).permute(2, 0, 1, 3).split(2, dim=2)  # ours: [H, L, 2, D] per layer
     for i, (pk, pv) in enumerate(enc()):
@@ -310,11 +347,11 @@ def test_encoder_layout_matches_peft_split():
 
 def test_encoder_reparameterised_trains_and_merges():
     torch.manual_seed(0)
-    enc = PrefixEncoder(2, 2, 16, 10, prefix_projection=True, encoder_hidden_size=24)
+    enc = PrefixEncoder(2, 2, 16, 10, prefix_projection=True, encoder_hidden_size=24, device=DEVICE)
     assert set(dict(enc.named_parameters())) == {"embedding.weight", "transform.0.weight", "transform.0.bias",
                                                  "transform.2.weight", "transform.2.bias"}
     B, Hq, T, D = 2, 4, 9, 16
-    q, k, v = torch.randn(B, Hq, T, D), torch.randn(B, 2, T, D), torch.randn(B, 2, T, D)
+    q, k, v = (torch.randn(B, h, T, D, device=DEVICE) for h in (Hq, 2, 2))
     layers = enc()
     out = sum(peftops.prefix_attention(q, k, v, pk, pv, is_causal=True).square().sum() for pk, pv in layers)
     out.backward()
@@ -352,8 +389,8 @@ def test_custom_ops_opcheck():
     pa = importlib.import_module("peftops.ops.prefix_attention")  # the package exports a function of that name
 
     a = {n: t.float() for n, t in pa_args(2, 4, 2, 9, 5, 16, gate=2).items()}
-    mask = (torch.rand(2, 9) > 0.3).to(torch.int8)
-    for m, g in ((None, a["prefix_gate"][:, None, :].contiguous()), (mask, torch.rand(2, 9, 2) + 0.2)):
+    mask = (torch.rand(2, 9, device=DEVICE) > 0.3).to(torch.int8)
+    for m, g in ((None, a["prefix_gate"][:, None, :].contiguous()), (mask, torch.rand(2, 9, 2, device=DEVICE) + 0.2)):
         args = (a["q"], a["k"], a["v"], a["prefix_k"], a["prefix_v"], g, m, True, 0.25)
         torch.library.opcheck(pa.prefix_attention_fwd, args)
         o, lse = pa.prefix_attention_fwd(*args)
