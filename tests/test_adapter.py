@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 import peftops
 from peftops import reference
 from peftops.nn.adapter import BottleneckAdapter
-from parity import BOUNDS, DEVICE, DTYPES, TF32_BOUND, assert_close, check_parity, copy_as, large_case, randn
+from peftops.ops import adapter as adapter_ops
+from parity import (BOUNDS, DEVICE, DTYPES, TF32_BOUND, assert_close, check_parity, copy_as, forced_path, large_case,
+                    randn, table_paths)
 
 ALL_GRADS = ("h", "down_weight", "down_bias", "up_weight", "up_bias", "residual")
 
@@ -77,7 +79,8 @@ def test_no_bias_noncontiguous(dtype):
 
 
 def test_wide_bottleneck_on_chip():
-    run_parity(adapter_args((20,), 40, 256), torch.float32, activation="gelu")
+    with peftops.force_path("adapter", "kernel"):  # the kernel holds m = 256 on chip (CUDA's table: eager)
+        run_parity(adapter_args((20,), 40, 256), torch.float32, activation="gelu")
     assert peftops.dispatch_counts().get("launch.adapter_fwd", 0) == 1
 
 
@@ -166,7 +169,26 @@ def test_parity_any_shape(lead, d, m, act, gate, bias, scaling):
 
 
 # ---------------------------------------------------------------------------- dispatch
-def test_kernels_launched():
+def _assert_adapter_ran(counts, calls, backward=True):
+    """``calls`` bottleneck_adapter calls ran on Triton's dispatch branch (not the reference),
+    the kernel path's ones with their launches (the eager path is cuBLAS, no launches)."""
+    assert counts.get("adapter.triton", 0) == calls and not counts.get("adapter.reference"), counts
+    kernel = counts.get("adapter.path:kernel", 0)
+    assert kernel + counts.get("adapter.path:eager", 0) == calls, counts
+    assert counts.get("launch.adapter_fwd", 0) == kernel, counts
+    if backward:
+        assert counts.get("launch.adapter_bwd_rows", 0) == kernel, counts
+
+
+@pytest.fixture
+def kernel_path():
+    """The fused kernels forced (on CUDA the table picks the eager path for most shapes;
+    tests/test_paths_adapter.py runs both)."""
+    with peftops.force_path("adapter", "kernel"):
+        yield
+
+
+def test_kernels_launched(kernel_path):
     args = {k: v.float().requires_grad_(True) for k, v in adapter_args((2, 9), 37, 6).items()}
     out = peftops.bottleneck_adapter(args["h"], args["down_weight"], args["down_bias"], args["up_weight"],
                                      args["up_bias"], residual=args["residual"])
@@ -179,7 +201,7 @@ def test_kernels_launched():
     assert not any(k.startswith("adapter.fallback") for k in counts)
 
 
-def test_frozen_weights_skip_weight_kernel():
+def test_frozen_weights_skip_weight_kernel(kernel_path):
     a = adapter_args((2, 9), 37, 6)
     h = a["h"].float().requires_grad_(True)
     out = peftops.bottleneck_adapter(h, a["down_weight"].float(), a["down_bias"].float(), a["up_weight"].float(),
@@ -190,7 +212,9 @@ def test_frozen_weights_skip_weight_kernel():
     assert "launch.adapter_bwd_weights" not in counts
 
 
-def test_fallbacks_are_visible():
+def test_fallbacks_are_visible(kernel_path):
+    """float64, and a bottleneck wider than the kernel holds on its path, run the reference
+    visibly (on CUDA's default table the wide one takes the eager path instead)."""
     a = adapter_args((5,), 16, 3)
     out = peftops.bottleneck_adapter(a["h"], a["down_weight"], a["down_bias"], a["up_weight"], a["up_bias"],
                                      residual=a["residual"])
@@ -315,7 +339,7 @@ def test_module_placements(placement, act, scale, reduction, gate):
     dy = torch.randn_like(ref)
     out.backward(dy.float())
     ref.backward(dy)
-    assert peftops.dispatch_counts().get("launch.adapter_fwd") == 1
+    _assert_adapter_ran(peftops.dispatch_counts(), calls=1)
     for name, p in mod.named_parameters():
         assert_close(f"d{name}", p.grad, params[name].grad, 1e-4)
     for name, got, want in [("h", h, h64), ("x_in", x_in, x64), ("ln.weight", ln.weight, lw), ("ln.bias", ln.bias, lb)]:
@@ -387,7 +411,7 @@ def test_scalar_gate():
     run_parity(args, torch.float32, activation="silu")
 
 
-def test_torch_compile_traces_the_op():
+def test_torch_compile_traces_the_op(kernel_path):
     """fullgraph tracing through the autograd Function and the custom ops' fake kernels;
     the compiled graph still runs the kernels and gives the reference's numbers."""
     masters = adapter_args((2, 5), 37, 9, gate="token")
@@ -459,7 +483,7 @@ def test_residual2_aliases(which):
 
 
 @pytest.mark.parametrize("m", [24, 200])
-def test_gpu_launch_configs(monkeypatch, m):
+def test_gpu_launch_configs(monkeypatch, kernel_path, m):
     """Run the kernels with the GPU launch configs (tile sizes, several T splits in the
     weight-gradient kernel) instead of the interpreter's, so that code path is checked too."""
     from peftops.kernels import adapter as kern
@@ -510,11 +534,17 @@ def test_module_learned_scaling():
 @pytest.mark.cuda_only("GPU-sized shapes: hours in the CPU interpreter")
 @pytest.mark.parametrize("gate", [None, "token"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gpu_sized(dtype, gate):
+@pytest.mark.parametrize("path", table_paths(adapter_ops))
+def test_gpu_sized(path, dtype, gate):
     """T = 4096 rows (2 x 2048), d = 1024, bottleneck m = 64 (reduction 16) and m = 256 (the
-    widest on chip): output and every gradient; fp32 under tf32 at TF32_BOUND, bf16 within
-    1.5x eager bf16's error (parity.large_case)."""
+    widest the kernel holds on chip), each path: output and every gradient; fp32 under tf32
+    at TF32_BOUND, bf16 within 1.5x eager bf16's error (parity.large_case)."""
     if dtype == torch.float32:
         torch.set_float32_matmul_precision("high")
-    for m in (64, 256):
-        run_parity(adapter_args((2, 2048), 1024, m, gate=gate), dtype, activation="gelu", **large_case(dtype))
+    with forced_path("adapter", path):
+        for m in (64, 256):
+            run_parity(adapter_args((2, 2048), 1024, m, gate=gate), dtype, activation="gelu", **large_case(dtype))
+        # inference (no autograd: the kernel's forward without z)
+        with torch.no_grad():
+            run_parity(adapter_args((2, 2048), 1024, 64, gate=gate), dtype, activation="gelu_new", grads=(),
+                       **large_case(dtype))

@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 import peftops
 from peftops import reference
 from peftops._launch import new_seed
+from peftops.ops import lora as lora_ops
 from peftops.ops.lora import dropout_mask
-from parity import BOUNDS, DEVICE, DTYPES, TF32_BOUND, assert_close, check_parity, copy_as, large_case, randn
+from parity import (BOUNDS, DEVICE, DTYPES, TF32_BOUND, assert_close, check_parity, copy_as, forced_path, large_case,
+                    randn, table_paths)
 
 
 def lora_args(lead, n_in, n_out, r, *, bias=True, gate=None, noncontig=False):
@@ -387,9 +389,11 @@ def test_torch_compile_fullgraph(backend):
 @pytest.mark.cuda_only("GPU-sized shapes: hours in the CPU interpreter")
 @pytest.mark.parametrize("gate", [None, "token"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gpu_sized(dtype, gate):
-    """T = 4096 rows (2 x 2048), d = 1024, r = 16: output and every gradient; fp32 under tf32
-    at TF32_BOUND, bf16 within 1.5x eager bf16's error (parity.large_case)."""
+@pytest.mark.parametrize("path", table_paths(lora_ops))
+def test_gpu_sized(path, dtype, gate):
+    """T = 4096 rows (2 x 2048), d = 1024, r = 16, each path: output and every gradient; fp32
+    under tf32 at TF32_BOUND, bf16 within 1.5x eager bf16's error (parity.large_case)."""
     if dtype == torch.float32:
         torch.set_float32_matmul_precision("high")
-    run_parity(lora_args((2, 2048), 1024, 1024, 16, gate=gate), dtype, **large_case(dtype))
+    with forced_path("lora", path):
+        run_parity(lora_args((2, 2048), 1024, 1024, 16, gate=gate), dtype, **large_case(dtype))
