@@ -5,6 +5,7 @@ import torch.nn as nn
 
 import peftops
 from peftops.nn.bitfit import is_bias
+from parity import DEVICE
 
 
 def tiny_bert():
@@ -13,7 +14,7 @@ def tiny_bert():
     cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=37, max_position_embeddings=16, type_vocab_size=2)
     torch.manual_seed(0)
-    return BertModel(cfg)  # built from the config: no download
+    return BertModel(cfg).to(DEVICE)  # built from the config: no download
 
 
 def test_bert_only_biases_trainable():
@@ -44,7 +45,7 @@ def test_bert_training_step_moves_only_biases():
     peftops.bitfit(model)
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    ids = torch.randint(0, 50, (2, 7))
+    ids = torch.randint(0, 50, (2, 7), device=DEVICE)
     out = model(input_ids=ids)
     (out.last_hidden_state.pow(2).mean() + out.pooler_output.sum()).backward()
     opt.step()
@@ -58,7 +59,7 @@ def test_bert_training_step_moves_only_biases():
 
 def test_sequential():
     model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 4, bias=False),
-                          nn.Conv1d(4, 3, 1))
+                          nn.Conv1d(4, 3, 1)).to(DEVICE)
     n = peftops.bitfit(model)
     assert n == 16 + 16 + 3
     assert {k for k, p in model.named_parameters() if p.requires_grad} == {"0.bias", "1.bias", "4.bias"}
@@ -68,8 +69,8 @@ def test_sequential():
 
 
 def test_multihead_attention_and_tied_bias():
-    mha = nn.MultiheadAttention(12, 3)  # in_proj_bias [36], out_proj.bias [12]
-    lin = nn.Linear(12, 12)
+    mha = nn.MultiheadAttention(12, 3, device=DEVICE)  # in_proj_bias [36], out_proj.bias [12]
+    lin = nn.Linear(12, 12, device=DEVICE)
     model = nn.ModuleDict({"mha": mha, "a": lin, "b": lin})  # tied: counted once
     n = peftops.bitfit(model)
     assert mha.in_proj_bias.requires_grad and not mha.in_proj_weight.requires_grad
@@ -78,8 +79,8 @@ def test_multihead_attention_and_tied_bias():
 
 
 def test_no_biases_and_bad_input():
-    model = nn.Sequential(nn.Linear(4, 4, bias=False))
+    model = nn.Sequential(nn.Linear(4, 4, bias=False, device=DEVICE))
     assert peftops.bitfit(model) == 0
     assert not any(p.requires_grad for p in model.parameters())
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
-        peftops.bitfit({"bias": torch.zeros(3)})
+        peftops.bitfit({"bias": torch.zeros(3, device=DEVICE)})
