@@ -11,7 +11,8 @@ import peftops
 from peftops import reference
 from peftops.nn.fusion import AdapterFusion
 from peftops.ops import fusion as fusion_ops
-from parity import BOUNDS, DEVICE, DTYPES, assert_close, check_parity, copy_as, large_case, randn
+from parity import (BOUNDS, DEVICE, DTYPES, assert_close, check_parity, copy_as, forced_path, large_case, randn,
+                    table_paths)
 
 GRADS = ["query", "adapter_outputs", "residual", "query_weight", "query_bias", "key_weight", "value_weight"]
 
@@ -34,6 +35,25 @@ def _grads(args):
     return [g for g in GRADS if args.get(g) is not None]
 
 
+def _assert_ran(counts, calls=1, backward=True):
+    """``calls`` adapter_fusion calls on Triton's dispatch branch; the kernel path's with one
+    forward (and backward) launch each (the eager path, CUDA's pick for d <= 1024 and N <= 3,
+    is batched products: no launches)."""
+    assert counts.get("adapter_fusion.triton", 0) == calls and not counts.get("adapter_fusion.reference"), counts
+    kernel = counts.get("adapter_fusion.path:kernel", 0)
+    assert kernel + counts.get("adapter_fusion.path:eager", 0) == calls, counts
+    assert counts.get("launch.fusion_fwd", 0) == kernel, counts
+    assert counts.get("launch.fusion_bwd", 0) == (kernel if backward else 0), counts
+
+
+@pytest.fixture
+def kernel_path():
+    """Our row kernels forced (CUDA's table picks the eager path at small d and N; both paths
+    run in tests/test_paths_fusion.py)."""
+    with peftops.force_path("adapter_fusion", "kernel"):
+        yield
+
+
 CASES = [  # (lead, N, d, temperature)
     ((37,), 1, 37, 1.0),
     ((23,), 2, 67, 1.0),
@@ -51,8 +71,7 @@ def test_parity_fp32(lead, n, d, tau):
     args = _args(lead, n, d)
     check_parity(peftops.adapter_fusion, reference.adapter_fusion, args, _grads(args), torch.float32,
                  op_kwargs=dict(temperature=tau), ref_kwargs=dict(temperature=tau))
-    counts = peftops.dispatch_counts()
-    assert counts.get("launch.fusion_fwd") == 1 and counts.get("launch.fusion_bwd") == 1
+    _assert_ran(peftops.dispatch_counts())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -85,11 +104,11 @@ def test_adapter_major_layout():
         return reference.adapter_fusion(adapter_outputs=adapter_outputs.transpose(0, 1), **kw)
 
     check_parity(op, ref, args, _grads(args), torch.float32)
-    assert peftops.dispatch_counts().get("launch.fusion_fwd") == 1
+    _assert_ran(peftops.dispatch_counts())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_looped_path(monkeypatch, dtype):
+def test_looped_path(monkeypatch, kernel_path, dtype):
     """Force the two-sweep path (chunks over d with a ragged tail) on a small shape."""
     k = fusion_ops.kernels("fusion")
     monkeypatch.setattr(k, "ONE_PASS_MAX_FWD", 0)
@@ -158,7 +177,7 @@ def test_partial_requires_grad(only):
     check_parity(peftops.adapter_fusion, reference.adapter_fusion, args, [only], torch.float32)
 
 
-def test_launches_and_dispatch():
+def test_launches_and_dispatch(kernel_path):
     args = _args((9,), 2, 37)
     copies = {k: copy_as(v, torch.float32, k == "adapter_outputs") for k, v in args.items()}
     peftops.adapter_fusion(**copies).sum().backward()
@@ -168,7 +187,7 @@ def test_launches_and_dispatch():
     assert "adapter_fusion.reference" not in counts
 
 
-def test_no_backward_launch_without_grad():
+def test_no_backward_launch_without_grad(kernel_path):
     args = _args((9,), 2, 37)
     with torch.no_grad():
         peftops.adapter_fusion(**{k: copy_as(v, torch.float32) for k, v in args.items()})
@@ -293,7 +312,7 @@ def test_module_forward_matches_reference():
     assert_close("module output", out, ref, BOUNDS[torch.float32])
     out.sum().backward()
     assert m.value.weight.grad is not None and torch.equal(m.key.bias.grad, torch.zeros(d, device=DEVICE))
-    assert peftops.dispatch_counts()["launch.fusion_fwd"] == 1
+    _assert_ran(peftops.dispatch_counts())
     with pytest.raises(ValueError, match="empty"):
         m(q, [], r)
 
@@ -336,15 +355,17 @@ def test_module_bad_size():
 @pytest.mark.cuda_only("GPU-sized shapes: hours in the CPU interpreter")
 @pytest.mark.parametrize("dtype,d", [(torch.float32, 1024), (torch.bfloat16, 1024), (torch.bfloat16, 4096)],
                          ids=["float32-d1024", "bfloat16-d1024", "bfloat16-d4096"])
-def test_gpu_sized(dtype, d):
-    """T = 4096 tokens (2 x 2048), N = 3 adapters: output and every gradient. fp32 under tf32
-    at TF32_BOUND; bf16 within 1.5x eager bf16's error on the same inputs (eager's AdapterFusion
-    grads are 8-16 % off float64 at d = 4096, shared/PERF.md)."""
+@pytest.mark.parametrize("path", table_paths(fusion_ops))
+def test_gpu_sized(path, dtype, d):
+    """T = 4096 tokens (2 x 2048), N = 3 adapters, each path: output and every gradient. fp32
+    under tf32 at TF32_BOUND; bf16 within 1.5x eager bf16's error on the same inputs (eager's
+    AdapterFusion grads are 8-16 % off float64 at d = 4096, shared/PERF.md)."""
     if dtype == torch.float32:
         torch.set_float32_matmul_precision("high")
     args = _args((2, 2048), 3, d)
-    check_parity(peftops.adapter_fusion, reference.adapter_fusion, args, _grads(args), dtype,
-                 op_kwargs=dict(temperature=1.0), ref_kwargs=dict(temperature=1.0), **large_case(dtype))
+    with forced_path("adapter_fusion", path):
+        check_parity(peftops.adapter_fusion, reference.adapter_fusion, args, _grads(args), dtype,
+                     op_kwargs=dict(temperature=1.0), ref_kwargs=dict(temperature=1.0), **large_case(dtype))
 
 
 @pytest.mark.parametrize("backward", [False, True])
