@@ -71,6 +71,17 @@ def num_sms(device: torch.device) -> int:
     return 1
 
 
+def pick(custom_op, impl, x: torch.Tensor):
+    """The custom op while torch.compile / export traces (it keeps the launch one opaque graph
+    node), else its Python implementation called directly: in eager mode the op's dispatcher
+    adds host time and nothing else (autograd lives in the op's autograd.Function), which is
+    what small-T calls (decode) pay for. Traced tensors (fake / functional subclasses) always
+    take the op."""
+    if type(x) is torch.Tensor and not torch.compiler.is_compiling():
+        return impl
+    return custom_op
+
+
 def rows(x: torch.Tensor) -> torch.Tensor:
     """``x [..., k]`` as a 2-D ``[T, k]`` (a view when the strides allow it)."""
     return x.reshape(-1, x.shape[-1])

@@ -20,7 +20,7 @@ import torch
 
 from .. import _checks, reference
 from .._dispatch import PathTable, record_launch, use_triton
-from .._launch import cpu_configs, dot_precision, empty, kernels, new_seed, next_pow2, num_sms, rows, upcast_dots
+from .._launch import cpu_configs, pick, dot_precision, empty, kernels, new_seed, next_pow2, num_sms, rows, upcast_dots
 
 __all__ = ["lora_linear", "PATHS"]
 
@@ -59,7 +59,19 @@ def lora_linear(
     seed = new_seed() if dropout_p > 0.0 else None
     path = PATHS.pick(x.is_cuda, T=x.numel() // max(x.shape[-1], 1), d_in=weight.shape[1], d_out=weight.shape[0],
                       r=lora_A.shape[0])
-    return _LoraLinearFn.apply(x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed, path)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B, gate)):
+        return _LoraLinearFn.apply(x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed, path)
+    return _forward(x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed, path)[0]  # no autograd node
+
+
+def _forward(x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed, path):
+    """(y [..., out], x as rows, S, per-row gate) -- the forward shared by the autograd
+    Function and the no-grad call (inference, decode: no graph node, less host time)."""
+    lead = x.shape[:-1]
+    x2 = rows(x)
+    g = None if gate is None else gate.detach().expand(*lead, 1).reshape(-1).float().contiguous()
+    y2, s = pick(lora_fwd, _lora_fwd, x2)(x2, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed, path)
+    return y2.view(*lead, weight.shape[0]), x2, s, g
 
 
 def _check(x, weight, bias, lora_A, lora_B, scaling, dropout_p, gate):
@@ -95,23 +107,20 @@ def _check(x, weight, bias, lora_A, lora_B, scaling, dropout_p, gate):
 class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed, path):
-        lead = x.shape[:-1]
-        x2 = rows(x)
-        g = None if gate is None else gate.detach().expand(*lead, 1).reshape(-1).float().contiguous()
-        y2, s = lora_fwd(x2, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed, path)
+        y, x2, s, g = _forward(x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed, path)
         ctx.save_for_backward(x2, weight, lora_A, lora_B, s, g, seed)
-        ctx.scaling, ctx.dropout_p, ctx.lead, ctx.path = scaling, dropout_p, lead, path
+        ctx.scaling, ctx.dropout_p, ctx.lead, ctx.path = scaling, dropout_p, x.shape[:-1], path
         ctx.gate_shape = None if gate is None else gate.shape
         ctx.gate_dtype = None if gate is None else gate.dtype
-        return y2.view(*lead, weight.shape[0])
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, lora_A, lora_B, s, g, seed = ctx.saved_tensors
         need_x, need_w, need_b, need_a, need_bb, need_g = ctx.needs_input_grad[:6]
         dy2 = rows(dy)
-        dx2, d_a, d_b, dg = lora_bwd(dy2, x2, weight, lora_A, lora_B, s, g, ctx.scaling, ctx.dropout_p, seed, need_x,
-                                     ctx.path)
+        dx2, d_a, d_b, dg = pick(lora_bwd, _lora_bwd, dy2)(dy2, x2, weight, lora_A, lora_B, s, g, ctx.scaling,
+                                                           ctx.dropout_p, seed, need_x, ctx.path)
         dx = dx2.view(*ctx.lead, x2.shape[1]) if need_x else None
         # A trainable base: dW = dY^T x (no dropout on the base branch), db = sum_t dY.
         dw = (dy2.t() @ x2).to(weight.dtype) if need_w else None
@@ -215,8 +224,7 @@ def linear_rank_r(path, x, w, bias, s, e, rowscale, scale, *, seed=None, p=0.0):
     return _rank_add(out, s, e, rowscale, scale, seed=seed, p=p)
 
 
-@torch.library.custom_op("peftops::lora_fwd", mutates_args=())
-def lora_fwd(
+def _lora_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
     lora_B: torch.Tensor, gate: torch.Tensor | None, scaling: float, dropout_p: float,
     seed: torch.Tensor | None, path: str = "kernel",
@@ -236,13 +244,15 @@ def lora_fwd(
     return y, s
 
 
+lora_fwd = torch.library.custom_op("peftops::lora_fwd", mutates_args=())(_lora_fwd)
+
+
 @lora_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed, path="kernel"):
     return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("peftops::lora_bwd", mutates_args=())
-def lora_bwd(
+def _lora_bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     s: torch.Tensor, gate: torch.Tensor | None, scaling: float, dropout_p: float,
     seed: torch.Tensor | None, need_dx: bool, path: str = "kernel",
@@ -262,6 +272,9 @@ def lora_bwd(
     if need_dx:                                                                  # dx = dY W + drop'(dS A)
         dx = linear_rank_r(path, dy, weight, None, ds, lora_A, None, 1.0, seed=seed_v, p=dropout_p)
     return dx, d_at.t().to(lora_A.dtype).contiguous(), d_b.to(lora_B.dtype).contiguous(), dg
+
+
+lora_bwd = torch.library.custom_op("peftops::lora_bwd", mutates_args=())(_lora_bwd)
 
 
 @lora_bwd.register_fake
