@@ -279,13 +279,13 @@ def rows_config(T, D, MW, interpret):
     if interpret:  # few, large programs: the interpreter's cost is per program and op
         return dict(BLOCK_M=32, BLOCK_D=64, num_warps=4, num_stages=1)
     block_w = max(16, triton.next_power_of_2(MW))
-    if T <= 16:
-        return dict(BLOCK_M=16, BLOCK_D=128, num_warps=4, num_stages=3)
+    if T <= 16:  # at m > 128, 128-wide d tiles in fp32 need 280 KiB of shared memory
+        return dict(BLOCK_M=16, BLOCK_D=128 if block_w <= 128 else 64, num_warps=4, num_stages=3)
     if block_w <= 64:
         return dict(BLOCK_M=32, BLOCK_D=128, num_warps=4, num_stages=3)
     if block_w <= 128:
         return dict(BLOCK_M=32, BLOCK_D=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_D=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=32, BLOCK_D=64, num_warps=8, num_stages=3)  # 64-row tiles spilled 288 B (backward)
 
 
 def weights_config(T, D, MW, want_programs, interpret):
@@ -294,7 +294,7 @@ def weights_config(T, D, MW, want_programs, interpret):
     if interpret:
         block_m, block_d = 32, 64
     else:  # two [BLOCK_D, BLOCK_W] fp32 accumulators live in registers: narrow d tiles for wide m
-        block_m, block_d = 64, (64 if MW <= 128 else 32)
+        block_m, block_d = (64, 64) if MW <= 128 else (32, 32)  # 64 x 32 at m > 128 spilled 40 B
     d_blocks = triton.cdiv(D, block_d)
     m_blocks = triton.cdiv(T, block_m)
     splits = 1 if interpret else max(1, min(m_blocks, want_programs // d_blocks))

@@ -385,10 +385,10 @@ def prefix_attn_bwd_dkdv_kernel(
 
 
 def fwd_config(T, D, elt, interpret):
-    """Launch config for the forward kernel. GPU values follow the usual Hopper
-    flash-attention choices (128 x 64 tiles, 8 warps for D = 128, 16-bit inputs); fp32 and
-    D = 256 use smaller tiles / fewer stages to stay within shared memory (checked by compiling
-    for sm_90). Not yet tuned on a GPU."""
+    """Launch config for the forward kernel: flash-attention-style tiles, each spill-free on
+    sm_90 by ``python -m peftops compile-check`` (what spilled before is noted). fp32 and
+    D = 256 use smaller tiles / fewer stages to stay within registers and shared memory.
+    Not yet tuned on a GPU."""
     BD = max(16, D)
     if interpret:
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
@@ -396,25 +396,22 @@ def fwd_config(T, D, elt, interpret):
         if BD >= 256:
             return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if BD <= 64 else 8, num_stages=2)
+    if BD >= 256:  # 128 x 32 spilled 568 B
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
     if T <= 64:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    if BD >= 256:
-        return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
-    if BD <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)  # D <= 64 on 4 warps spilled 8 B
 
 
 def bwd_config(T, D, elt, interpret):
-    """Launch config for the backward kernels (64 x 64 tiles keep dK, dV, Q, dO on chip;
-    smaller for fp32 / D = 256)."""
+    """Launch config for the backward kernels (dK, dV, Q, dO tiles on chip), spill-free on
+    sm_90 in half precision: 64 x 64 on 8 warps up to D = 64 (4 warps spilled 16-56 B),
+    32 x 64 at D = 128 (64 x 64 spilled 96-176 B), 32 x 32 at D = 256 (32 x 64: 488 B)."""
     BD = max(16, D)
     if interpret:
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
     if BD >= 256:
-        return dict(BLOCK_M=32, BLOCK_N=32 if elt >= 4 else 64, num_warps=8, num_stages=1)
-    if elt >= 4 and BD >= 128:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)
+    if BD >= 128:
         return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
-    if BD <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
