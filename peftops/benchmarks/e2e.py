@@ -1,4 +1,4 @@
-"""End-to-end bench: one training step (forward + backward of the loss) of a Llama-style
+"""End-to-end bench: one training step (forward, backward, AdamW update) of a Llama-style
 model built from a config (random weights, no download) with LoRA r=16 on every linear
 layer: plain peft vs peft + ``peftops.accelerate``, each eager and under ``torch.compile``.
 
@@ -10,7 +10,7 @@ under torch.compile, ``peftops_compile`` = peft + peftops under torch.compile), 
 per decoder layer (``layer.compile()``, "regional compilation": the 22 identical layers
 share one compiled graph, so it compiles in seconds instead of the ~100 s of the whole
 model), in the build, warmed up there (timing excludes compilation). Each record has the
-step's peak memory (``peak_total_bytes``: model, optimizer-free step, activations). The
+step's peak memory (``peak_total_bytes``: model, AdamW state of the LoRA weights, activations). The
 bars (bench/targets.toml) compare these providers with each other.
 ``small=True``: the tiny Llama (hidden 64, 2 layers) for the CPU parity pass, peft vs
 peftops only. Each provider returns ``(loss, *LoRA grads)`` so the same case serves GPU
@@ -83,12 +83,20 @@ def batch(size: str, device, seed: int = 0) -> torch.Tensor:
 
 
 def step_fn(model, ids):
-    """One training step's compute: the loss and the LoRA gradients (not accumulated)."""
+    """One training step: loss, the LoRA gradients, and an AdamW update of the LoRA weights
+    (as the bars in shared/PERF.md were measured). Returns the loss and the gradients taken
+    before the update, so a parity pass compares providers on their first step."""
     params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
 
     def step():
         loss = model(input_ids=ids, labels=ids).loss
-        return (loss.detach(), *torch.autograd.grad(loss, params))
+        grads = torch.autograd.grad(loss, params)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return (loss.detach(), *grads)
     return step
 
 
