@@ -545,6 +545,8 @@ def test_gpu_sized(path, dtype, gate):
         for m in (64, 256):
             run_parity(adapter_args((2, 2048), 1024, m, gate=gate), dtype, activation="gelu", **large_case(dtype))
         # inference (no autograd: the kernel's forward without z)
+        kw = dict(activation="gelu_new", scaling=0.75)
         with torch.no_grad():
-            run_parity(adapter_args((2, 2048), 1024, 64, gate=gate), dtype, activation="gelu_new", grads=(),
-                       **large_case(dtype))
+            check_parity(peftops.bottleneck_adapter, reference.bottleneck_adapter,
+                         adapter_args((2, 2048), 1024, 64, gate=gate), [], dtype, op_kwargs=kw, ref_kwargs=kw,
+                         **large_case(dtype))

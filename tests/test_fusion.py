@@ -238,7 +238,7 @@ def _bad(**override):
     (dict(value_weight=torch.randn(9, 9, device=DEVICE)), ValueError, "value_weight"),
     (dict(query_bias=torch.randn(9, device=DEVICE)), ValueError, "query_bias"),
     (dict(key_bias=torch.randn(8, 1, device=DEVICE)), ValueError, "key_bias"),
-    (dict(query=torch.randn(())), ValueError, "query"),
+    (dict(query=torch.randn((), device=DEVICE)), ValueError, "query"),
     (dict(value_weight=torch.randn(8, 8, dtype=torch.float16, device=DEVICE)), TypeError, "value_weight"),
     (dict(residual=torch.ones(4, 8, dtype=torch.int64, device=DEVICE)), TypeError, "residual"),
     (dict(query_weight=None), TypeError, "query_weight"),

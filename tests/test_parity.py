@@ -90,7 +90,7 @@ def test_device_markers_skip_on_the_other_device(request):
 
 # ------------------------------------------------------------------ bounded by eager
 def test_eager_bound():
-    ref = torch.ones(100, dtype=torch.float64)
+    ref = torch.ones(100, dtype=torch.float64, device=DEVICE)
     eager = ref * 1.1  # 10 % off
     assert eager_bound(1e-2, eager, ref) == pytest.approx(EAGER_FACTOR * 0.1 + EAGER_EPS)
     assert eager_bound(0.5, eager, ref) == 0.5  # never below the plain bound
@@ -136,7 +136,8 @@ class _WrongGrad(torch.autograd.Function):
 
 
 def test_rel_err_nan_never_passes():
-    ref = torch.ones(3, dtype=torch.float64)
-    assert rel_err(torch.tensor([1.0, float("nan"), 1.0], dtype=torch.float64), ref) != 0.0
+    ref = torch.ones(3, dtype=torch.float64, device=DEVICE)
+    with_nan = torch.tensor([1.0, float("nan"), 1.0], dtype=torch.float64, device=DEVICE)
+    assert rel_err(with_nan, ref) != rel_err(with_nan, ref)  # NaN
     with pytest.raises(AssertionError):
-        parity.assert_close("y", torch.tensor([1.0, float("nan"), 1.0], dtype=torch.float64), ref, 1.0)
+        parity.assert_close("y", with_nan, ref, 1.0)

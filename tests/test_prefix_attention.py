@@ -272,20 +272,28 @@ def _bad(**over):
     return a
 
 
+def _randn(*shape, **kw):
+    return torch.randn(*shape, device=DEVICE, **kw)
+
+
+def _rand(*shape):
+    return torch.rand(*shape, device=DEVICE)
+
+
 @pytest.mark.parametrize("args,exc,match", [
-    (lambda: _bad(q=torch.randn(4, 5, 8, device=DEVICE)), ValueError, "q must have 4 dims"),
-    (lambda: _bad(k=torch.randn(2, 3, 5, 8, device=DEVICE), v=torch.randn(2, 3, 5, 8, device=DEVICE)), ValueError, "must divide"),
-    (lambda: _bad(k=torch.randn(2, 2, 6, 8, device=DEVICE)), ValueError, "k has shape"),
-    (lambda: _bad(v=torch.randn(2, 2, 5, 7, device=DEVICE)), ValueError, "v has shape"),
-    (lambda: _bad(prefix_k=torch.randn(2, 3, 7, device=DEVICE)), ValueError, "prefix_k has shape"),
-    (lambda: _bad(prefix_k=torch.randn(3, 2, 3, 8, device=DEVICE), prefix_v=torch.randn(3, 2, 3, 8, device=DEVICE)), ValueError, "prefix_k has shape"),
-    (lambda: _bad(prefix_v=torch.randn(2, 4, 8, device=DEVICE)), ValueError, "prefix_v has shape"),
-    (lambda: _bad(prefix_k=torch.randn(2, 0, 8, device=DEVICE), prefix_v=torch.randn(2, 0, 8, device=DEVICE)), ValueError, "L = 0"),
-    (lambda: _bad(prefix_gate=torch.rand(2, 3, device=DEVICE)), ValueError, "prefix_gate has shape"),
-    (lambda: _bad(prefix_gate=torch.rand(1, 2, device=DEVICE)), ValueError, "prefix_gate has shape"),
-    (lambda: _bad(prefix_gate=torch.rand(2, device=DEVICE)), ValueError, "prefix_gate must have 2 or 3 dims"),
-    (lambda: _bad(prefix_gate=torch.rand(2, 4, 2, device=DEVICE)), ValueError, "prefix_gate has shape"),
-    (lambda: _bad(k=torch.randn(2, 2, 5, 8, dtype=torch.float16, device=DEVICE)), TypeError, "k has dtype"),
+    (lambda: _bad(q=_randn(4, 5, 8)), ValueError, "q must have 4 dims"),
+    (lambda: _bad(k=_randn(2, 3, 5, 8), v=_randn(2, 3, 5, 8)), ValueError, "must divide"),
+    (lambda: _bad(k=_randn(2, 2, 6, 8)), ValueError, "k has shape"),
+    (lambda: _bad(v=_randn(2, 2, 5, 7)), ValueError, "v has shape"),
+    (lambda: _bad(prefix_k=_randn(2, 3, 7)), ValueError, "prefix_k has shape"),
+    (lambda: _bad(prefix_k=_randn(3, 2, 3, 8), prefix_v=_randn(3, 2, 3, 8)), ValueError, "prefix_k has shape"),
+    (lambda: _bad(prefix_v=_randn(2, 4, 8)), ValueError, "prefix_v has shape"),
+    (lambda: _bad(prefix_k=_randn(2, 0, 8), prefix_v=_randn(2, 0, 8)), ValueError, "L = 0"),
+    (lambda: _bad(prefix_gate=_rand(2, 3)), ValueError, "prefix_gate has shape"),
+    (lambda: _bad(prefix_gate=_rand(1, 2)), ValueError, "prefix_gate has shape"),
+    (lambda: _bad(prefix_gate=_rand(2)), ValueError, "prefix_gate must have 2 or 3 dims"),
+    (lambda: _bad(prefix_gate=_rand(2, 4, 2)), ValueError, "prefix_gate has shape"),
+    (lambda: _bad(k=_randn(2, 2, 5, 8, dtype=torch.float16)), TypeError, "k has dtype"),
     (lambda: _bad(q=torch.randint(0, 3, (2, 4, 5, 8), device=DEVICE)), TypeError, "q must be a floating-point"),
     (lambda: _bad(prefix_v=None), TypeError, "prefix_v must be a tensor"),
 ], ids=lambda x: x if isinstance(x, str) else None)
