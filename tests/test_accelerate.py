@@ -323,19 +323,31 @@ def test_demo_main_job_rows():
 
 
 def test_bf16_base_with_fp32_adapters():
-    """peft keeps LoRA weights in fp32 over a bf16 base (autocast_adapter_dtype): the
-    accelerated layer computes in bf16 and its fp32 weights get fp32 gradients."""
+    """peft keeps LoRA weights in fp32 over a bf16 base (autocast_adapter_dtype). The
+    accelerated layer reads them as they are, computes on bf16 tensor cores with fp32
+    accumulation (peft casts x to fp32 instead) and returns fp32 gradients. Both are held
+    against the same model in float64 (bf16 weights and fp32 adapters are exact there):
+    ours within 1.5x peft's own error + 5e-3 (DESIGN.md: bound by the eager error) on a GPU.
+    Triton's CPU interpreter casts fp32 -> bf16 by truncation (its cast_impl passes no
+    rounding mode; GPUs round to nearest even), so every bf16 store of ours carries twice
+    the GPU's rounding error there (measured: 0.0034 vs 0.0017 for correct rounding on one
+    layer's output): the interpreter run gets 3x."""
+    factor = 3.0 if DEVICE.type == "cpu" else 1.5
     torch.manual_seed(0)
     plain = randomise(get_peft_model(tiny_llama().to(torch.bfloat16),
                                      LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))).eval()
     assert plain.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
     fast = copy.deepcopy(plain)
+    exact = copy.deepcopy(plain).double()
     peftops.accelerate(fast)
+    yr, gr = fwd_bwd(exact, IDS)
     ya, ga = fwd_bwd(plain, IDS)
     yb, gb = fwd_bwd(fast, IDS)
-    assert rel_err(yb, ya) <= 2e-2
+    assert yb.dtype == torch.bfloat16
+    assert rel_err(yb, yr) <= factor * rel_err(ya, yr) + 5e-3, (rel_err(yb, yr), rel_err(ya, yr))
     for n in ga:
-        assert gb[n].dtype == torch.float32 and rel_err(gb[n], ga[n]) <= 2e-2, (n, rel_err(gb[n], ga[n]))
+        ours, theirs = rel_err(gb[n], gr[n]), rel_err(ga[n], gr[n])
+        assert gb[n].dtype == torch.float32 and ours <= factor * theirs + 5e-3, (n, ours, theirs)
     assert peftops.dispatch_counts().get("lora.triton", 0) >= 4
 
 

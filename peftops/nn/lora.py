@@ -21,9 +21,9 @@ class LoraLinear(nn.Module):
     adapters are summed; with dropout active in training, the first adapter runs fused
     and the others in eager PyTorch (each adapter keeps its own dropout draw, as in peft).
 
-    Adapter weights in a dtype other than the input's (peft keeps them in fp32 over a
-    bf16 base) are cast to the input dtype for the fused op; gradients flow back to them
-    in their own dtype.
+    Adapter weights in fp32 over a half-precision input (peft keeps them so by default) go
+    to the fused op as they are: the kernels read fp32 A / B and return fp32 gradients.
+    Other dtype mismatches are cast to the input dtype.
     """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str = "default", r: int = 8, lora_alpha: float = 8,
@@ -168,10 +168,17 @@ class LoraLinear(nn.Module):
         # Adapters sharing one fused call: all of them when no dropout is active (their
         # A's stacked along r, scaling folded into B: the same math), else the first.
         fused = active if all(v == 0.0 for v in p.values()) else active[:1]
-        a_cat = torch.cat([self.lora_A[a].weight.to(dt) for a in fused])
-        b_cat = torch.cat([self.lora_B[a].weight.to(dt) * self.scaling[a] for a in fused], dim=1) \
-            if len(fused) > 1 else self.lora_B[fused[0]].weight.to(dt)
-        scaling = 1.0 if len(fused) > 1 else self.scaling[fused[0]]
+        if len(fused) == 1:
+            # One adapter: its weights as they are (no per-call copy); fp32 adapters over a
+            # half x are read by the kernels in fp32 (peft's autocast_adapter_dtype default).
+            a_cat, b_cat = self.lora_A[fused[0]].weight, self.lora_B[fused[0]].weight
+            if a_cat.dtype != dt and not (a_cat.dtype == torch.float32 and dt in (torch.float16, torch.bfloat16)):
+                a_cat, b_cat = a_cat.to(dt), b_cat.to(dt)
+            scaling = self.scaling[fused[0]]
+        else:
+            a_cat = torch.cat([self.lora_A[a].weight.to(dt) for a in fused])
+            b_cat = torch.cat([self.lora_B[a].weight.to(dt) * self.scaling[a] for a in fused], dim=1)
+            scaling = 1.0
         for a in fused:
             if self.lora_bias[a]:
                 extra = self.lora_B[a].bias.to(dt) * self.scaling[a]
