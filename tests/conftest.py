@@ -33,9 +33,17 @@ if DEVICE.type == "cpu":
         raise pytest.UsageError("triton was imported before TRITON_INTERPRET=1 could be set; run: "
                                 "TRITON_INTERPRET=1 PEFTOPS_BACKEND=triton python -m pytest tests")
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # The launch configs a GPU would pick (block sizes, warps, stages), not the interpreter's
+    # few-large-programs ones: the CPU run proves the configs that run on the GPU, and the
+    # launch recorder below hands exactly those variants to `python -m peftops compile-check`.
+    os.environ.setdefault("PEFTOPS_GPU_CONFIGS", "1")
 else:
     os.environ.setdefault("PEFTOPS_BACKEND", "auto")
 os.environ.setdefault("PEFTOPS_POISON", "1")  # NaN-fill outputs so unwritten elements fail
+
+# Records every distinct kernel launch under the interpreter into build/launches/ (for
+# compile-check); does nothing on CUDA.
+pytest_plugins = ["peftops.launch_log"]
 
 _DEVICE_MARKERS = {"cuda_only": "cuda", "cpu_only": "cpu"}
 
@@ -49,7 +57,8 @@ def pytest_configure(config):
 
 def pytest_report_header(config):
     return (f"peftops test device: {DEVICE} (PEFTOPS_BACKEND={os.environ.get('PEFTOPS_BACKEND')}, "
-            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')})")
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}, "
+            f"PEFTOPS_GPU_CONFIGS={os.environ.get('PEFTOPS_GPU_CONFIGS', '0')})")
 
 
 def pytest_collection_modifyitems(config, items):
