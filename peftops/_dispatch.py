@@ -113,15 +113,20 @@ class PathTable:
             raise ValueError(f"PEFTOPS_PATH_{self.op.upper()}={name!r}: expected one of {self.paths}")
         return name or None
 
-    def pick(self, on_cuda: bool, **shape) -> str:
+    def peek(self, on_cuda: bool, **shape) -> str:
+        """The path ``pick`` would choose, not counted (to ask beforehand, e.g. whether a
+        shape the kernel cannot hold would reach it)."""
         path = self.forced()
         if path is None:
             path = self.default
             if on_cuda:
                 for rule, row_path, _evidence in self.rows:
                     if rule(**shape):
-                        path = row_path
-                        break
+                        return row_path
+        return path
+
+    def pick(self, on_cuda: bool, **shape) -> str:
+        path = self.peek(on_cuda, **shape)
         _bump(f"{self.op}.path:{path}")
         return path
 

@@ -89,7 +89,7 @@ def bottleneck_adapter(
     unsupported = None
     if h.dtype == torch.float64:
         unsupported = "float64"
-    elif m > MAX_KERNEL_WIDTH and _path_for(h.is_cuda, shape) == "kernel":
+    elif m > MAX_KERNEL_WIDTH and PATHS.peek(h.is_cuda, **shape) == "kernel":
         unsupported = f"bottleneck width m={m} > {MAX_KERNEL_WIDTH}"
     if not use_triton("adapter", *tensors, unsupported=unsupported):
         if residual2 is not None:
@@ -115,19 +115,6 @@ def bottleneck_adapter(
     out, _ = adapter_fwd(rows(h), down_weight, down_bias, up_weight, up_bias, rows(residual),
                          None if residual2 is None else rows(residual2), _gate_rows(gate, lead), act, scaling, False)
     return out.view(*lead, h.shape[-1])
-
-
-def _path_for(on_cuda, shape):
-    """The path ``PATHS.pick`` would choose, without counting it (to tell beforehand whether a
-    bottleneck the kernel cannot hold would reach the kernel)."""
-    forced = PATHS.forced()
-    if forced is not None:
-        return forced
-    if on_cuda:
-        for rule, path, _evidence in PATHS.rows:
-            if rule(**shape):
-                return path
-    return PATHS.default
 
 
 # ------------------------------------------------------------------------ eager path

@@ -95,7 +95,7 @@ def prefix_attention(
     unsupported = None
     if q.dtype == torch.float64:
         unsupported = "float64"
-    elif D > _MAX_HEAD_DIM and _path_for(q.is_cuda, shape) == "kernel":
+    elif D > _MAX_HEAD_DIM and PATHS.peek(q.is_cuda, **shape) == "kernel":
         unsupported = f"head_dim>{_MAX_HEAD_DIM}"
     if not use_triton("prefix_attention", *tensors, unsupported=unsupported):
         return reference.prefix_attention(q, k, v, prefix_k, prefix_v, prefix_gate=prefix_gate,
@@ -110,19 +110,6 @@ def prefix_attention(
                                           key_padding_mask)
     mask = None if key_padding_mask is None else (key_padding_mask != 0).to(torch.int8).contiguous()
     return _PrefixAttentionFn.apply(q, k, v, prefix_k, prefix_v, prefix_gate, bool(is_causal), scale, mask)
-
-
-def _path_for(on_cuda, shape):
-    """The path ``PATHS.pick`` would choose, without counting it (to tell beforehand whether a
-    head_dim the kernel cannot hold would reach the kernel)."""
-    forced = PATHS.forced()
-    if forced is not None:
-        return forced
-    if on_cuda:
-        for rule, path, _evidence in PATHS.rows:
-            if rule(**shape):
-                return path
-    return PATHS.default
 
 
 def _sdpa_prefix_attention(q, k, v, prefix_k, prefix_v, gate, is_causal, scale, key_padding_mask):
