@@ -131,10 +131,13 @@ def test_peaked_scores_stay_finite():
     args = _args((17,), 5, 37, score_scale=300.0)
     # With a nearly one-hot softmax the gradients that pass through the scores (dquery,
     # dWq, dbq, dWk) are rounding-level in any precision, so compare the well-conditioned
-    # ones and require the rest to be finite.
+    # ones and require the rest to be finite. d adapter_outputs has a part through the keys
+    # too (u_n feeds K): it is held to 1.5x eager fp32's own error on these inputs (it
+    # reached 1.5e-5 / 2.9e-5 against the plain 1e-5 in 2 of 5 draws).
     copies = {k: copy_as(v, torch.float32, True) for k, v in args.items()}
     check_parity(peftops.adapter_fusion, reference.adapter_fusion, args,
-                 ["adapter_outputs", "residual", "value_weight"], torch.float32)
+                 ["adapter_outputs", "residual", "value_weight"], torch.float32,
+                 vs_eager=["adapter_outputs"], eager_eps=1e-6)
     out = peftops.adapter_fusion(**copies)
     out.sum().backward()
     for name, t in copies.items():
