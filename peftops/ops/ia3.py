@@ -204,7 +204,7 @@ def _gemm(a, b, *, bias=None, in_scale=None, out_scale=None, y=None, epi_colsum=
     k = kernels("ia3")
     M, K = a.shape
     N = b.shape[1]
-    cfg = k.gemm_config(M, N, K, cpu_configs(a), colsum=epi_colsum)
+    cfg = k.gemm_config(M, N, K, cpu_configs(a), colsum=epi_colsum, in_scale=in_scale is not None)
     m_blocks = -(-M // cfg["BLOCK_M"])
     out = empty((M, N), out_dtype or a.dtype, a.device) if store else None
     part = None
