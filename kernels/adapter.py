@@ -294,8 +294,9 @@ def weights_config(T, D, MW, want_programs, interpret):
     if interpret:
         block_m, block_d = 32, 64
     else:  # two [BLOCK_D, BLOCK_W] fp32 accumulators live in registers: narrow d tiles for wide m
-        # 64-row tiles spilled: 16 B on sm_80 at m <= 128, 40 B on sm_90 (64 x 32) at m > 128
-        block_m, block_d = (32, 64) if MW <= 128 else (32, 32)
+        # 64-row tiles spilled at 32 < m <= 128 (16 B, sm_80) and m > 128 (40 B, sm_90);
+        # 32-row tiles spilled at m <= 32 (8 B, sm_80)
+        block_m, block_d = (64, 64) if MW <= 32 else (32, 64) if MW <= 128 else (32, 32)
     d_blocks = triton.cdiv(D, block_d)
     m_blocks = triton.cdiv(T, block_m)
     splits = 1 if interpret else max(1, min(m_blocks, want_programs // d_blocks))

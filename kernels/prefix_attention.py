@@ -405,9 +405,9 @@ def fwd_config(T, D, elt, interpret):
 
 def bwd_config(T, D, elt, interpret):
     """Launch config for the backward kernels (dK, dV, Q, dO tiles on chip), spill-free on
-    sm_90 and sm_80 in half precision: 64 x 32 on 8 warps up to D = 64 (64 x 64 spilled
-    16-56 B on sm_90 at 4 warps, 8-64 B on sm_80 at 8), 32 x 64 at D = 128 (64 x 64 spilled
-    96-176 B), 32 x 32 at D = 256 (32 x 64: 488 B)."""
+    sm_90 and sm_80 in half precision (all 8 warps): 64 x 64 up to D = 32, 64 x 32 at D = 64
+    (64 x 64 spilled 8-64 B on sm_80; 4 warps 16-56 B on sm_90), 32 x 64 at D = 128 (64 x 64
+    spilled 96-176 B), 32 x 32 at D = 256 (32 x 64: 488 B)."""
     BD = max(16, D)
     if interpret:
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
@@ -415,4 +415,6 @@ def bwd_config(T, D, elt, interpret):
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)
     if BD >= 128:
         return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+    if BD == 64:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)  # D <= 32: 64 x 32 spilled 8-40 B
