@@ -12,7 +12,7 @@ import torch
 import peftops
 from peftops import reference
 from peftops.ops.adapter import MAX_KERNEL_WIDTH, PATHS
-from parity import BOUNDS, DEVICE, DTYPES, TF32_BOUND, assert_close, check_parity, copy_as, randn
+from parity import BOUNDS, DEVICE, DTYPES, TF32_BOUND, assert_close, check_parity, randn
 from test_adapter import ALL_GRADS, SHAPES, adapter_args, run_parity
 
 PATH_NAMES = list(PATHS.paths)
@@ -89,23 +89,10 @@ def test_empty_and_single_row(path, lead):
 @pytest.mark.parametrize("gate", [None, "sample"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_residual_aliases_h(path, dtype, gate):
-    """residual is h itself: out = h + g s f(h); dh gets both contributions."""
-    m = adapter_args((3, 7), 45, 9, gate=gate)
-    grads = ["h", "down_weight", "up_weight", "up_bias"] + (["gate"] if gate else [])
+    """residual is h itself, on each path (the body: tests/test_adapter.py)."""
+    import test_adapter
 
-    def call(fn, t):
-        return fn(t["h"], t["down_weight"], t["down_bias"], t["up_weight"], t["up_bias"], residual=t["h"],
-                  activation="silu", scaling=0.5, gate=t.get("gate"))
-
-    copies = {k: copy_as(v, dtype, k in grads) for k, v in m.items() if v is not None}
-    masters = {k: v.detach().double().requires_grad_(k in grads) for k, v in copies.items()}
-    out, ref = call(peftops.bottleneck_adapter, copies), call(reference.bottleneck_adapter, masters)
-    assert_close("output", out, ref, BOUNDS[dtype])
-    dy = torch.randn_like(ref).to(dtype)
-    out.backward(dy)
-    ref.backward(dy.double())
-    for k in grads:
-        assert_close(f"d{k}", copies[k].grad, masters[k].grad, BOUNDS[dtype])
+    test_adapter.test_residual_aliases_h(dtype, gate)
 
 
 @pytest.mark.parametrize("gate", [None, "token"])

@@ -5,7 +5,6 @@ odd, strided and empty inputs; torch.compile; the table.
 tests/test_fusion.py runs the default path of the test device; here every path runs on it."""
 from __future__ import annotations
 
-import math
 
 import zlib
 
@@ -88,19 +87,10 @@ def test_partial_gradients(path, grads):
 
 @pytest.mark.parametrize("lead", [(0,), (2, 0), (1,), (1, 1)], ids=str)
 def test_empty_and_single_token(path, lead):
-    args = _args(lead, 3, 37)
-    grads = _grads(args)
-    if math.prod(lead) == 0:
-        copies = {k: copy_as(v, torch.float32, k in grads) for k, v in args.items()}
-        out = peftops.adapter_fusion(**copies)
-        assert out.shape == (*lead, 37)
-        out.sum().backward()
-        for name in grads:
-            g = copies[name].grad
-            assert g is not None and g.shape == copies[name].shape
-            assert torch.count_nonzero(g) == 0, name
-    else:
-        _run(args, torch.float32)
+    """Zero and one token, on each path (the body: tests/test_fusion.py)."""
+    import test_fusion
+
+    test_fusion.test_empty_and_single_token(lead)
 
 
 def test_key_bias_gradient_is_exactly_zero(path):

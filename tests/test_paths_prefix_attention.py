@@ -79,19 +79,10 @@ def test_zero_gate_and_custom_scale(path):
 
 
 def test_fp32_gate_with_bf16_inputs(path):
-    m = pa_args(2, 4, 2, 11, 10, 16, gate=2)
-    a = {n: t.to(torch.bfloat16).requires_grad_() for n, t in m.items() if n != "prefix_gate"}
-    a["prefix_gate"] = m["prefix_gate"].float().requires_grad_()
-    out = peftops.prefix_attention(**a, is_causal=True)
-    m = {n: t.detach().requires_grad_() for n, t in m.items()}
-    ref = reference.prefix_attention(**m, is_causal=True)
-    dy = torch.randn_like(ref)
-    out.backward(dy.to(torch.bfloat16))
-    ref.backward(dy)
-    assert out.dtype == torch.bfloat16 and a["prefix_gate"].grad.dtype == torch.float32
-    assert_close("output", out, ref, BOUNDS[torch.bfloat16])
-    for n in GRADS:
-        assert_close(f"d{n}", a[n].grad, m[n].grad, BOUNDS[torch.bfloat16])
+    """An fp32 gate over bf16 inputs, on each path (the body: tests/test_prefix_attention.py)."""
+    import test_prefix_attention
+
+    test_prefix_attention.test_fp32_gate_with_bf16_inputs()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
