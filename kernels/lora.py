@@ -10,13 +10,17 @@ Backward  (W frozen; S = drop(x) A^T is saved, [T, r] fp32)
           dx  = dY W + drop'(dS A)                            [T, in]
           dg  = s * rowsum(dYB * S)                           [T]
 
-Three kernels cover all of it:
+Four kernels cover all of it:
 * ``lora_gemm_kernel``: out = X @ W (+ bias) + scale * rowscale * keep * (S @ E).
   Forward: X = x, W = weight^T, S = drop(x) A^T, E = B^T, rowscale = gate.
   Backward dx: X = dY, W = weight, S = dS, E = A, keep = the forward's dropout mask.
   One accumulator: after the X @ W main loop the rank-r term is BLOCK_R more K-steps of
   the same MMA (rowscale and scale folded into S first). Only the dx dropout epilogue
   needs the product on its own (the mask is elementwise on dS A).
+* ``lora_gemm_tma_kernel``: the same, on the shared Hopper main loop (kernels/gemm.py:
+  persistent grid, grouped tiles, TMA in and out, wgmma) for > 256 rows of a bf16 / fp16
+  base on sm_90+; without dropout it also makes S from the x tiles of its main loop, so
+  the forward is one launch at every row count.
 * ``lora_rank_add_kernel``: out += scale * rowscale * keep * (S @ E) in place, beside a
   cuBLAS GEMM (the ``cublas`` path of peftops/ops/lora.py).
 * ``lora_skinny_kernel``: one pass over a [M, N] matrix X (x or dY) computing
@@ -31,6 +35,8 @@ Dropout: keep(m, n) = rand(seed, m * n_cols + n) >= p, scaled by 1 / (1 - p); th
 """
 import triton
 import triton.language as tl
+
+from .gemm import tile_of, tma_mainloop
 
 
 @triton.jit
@@ -133,6 +139,57 @@ def lora_gemm_kernel(
 
     out_ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def lora_gemm_tma_kernel(
+    x_desc, w_desc, a_desc, out_desc, bias_ptr, s_ptr, e_ptr, rowscale_ptr,
+    M, N, K, R,
+    stride_sm, stride_sr, stride_er, stride_en,
+    scale, seed, p, inv_keep,
+    HAS_BIAS: tl.constexpr, HAS_ROWSCALE: tl.constexpr, FUSE_S: tl.constexpr, W_NK: tl.constexpr,
+    DROP_EPI: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, EPI_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # lora_gemm_kernel's math on the shared Hopper main loop (kernels/gemm.py): persistent
+    # programs (one per SM) walk the tiles in grouped order; X, W (and A^T with FUSE_S) come
+    # in by TMA, the output leaves by TMA. FUSE_S at any row count (no dropout): S = x A^T
+    # is accumulated from the x tiles of the main loop, so the separate pass over x goes
+    # (every column block redoes it: BLOCK_R / BLOCK_N more MMA work, 6 % at 256 columns);
+    # the blocks at column 0 store S for backward.
+    op_ty = x_desc.dtype
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+        off_m, off_n = tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc, s = tma_mainloop(x_desc, w_desc, a_desc, off_m, off_n, K, W_NK, FUSE_S, UPCAST, PRECISION,
+                              BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+        rm = off_m + tl.arange(0, BLOCK_M)
+        rn = off_n + tl.arange(0, BLOCK_N)
+        rr = tl.arange(0, BLOCK_R)
+        rm_in = (rm % M).to(tl.int64)
+        rn_in = rn % N
+        s_ptrs = s_ptr + rm_in[:, None] * stride_sm + rr[None, :] * stride_sr
+        if FUSE_S:
+            if off_n == 0:
+                tl.store(s_ptrs, s, mask=(rm[:, None] < M) & (rr[None, :] < R))
+        else:
+            s = tl.load(s_ptrs, mask=rr[None, :] < R, other=0.0).to(tl.float32)
+        s = s * scale
+        if HAS_ROWSCALE:
+            s = s * tl.load(rowscale_ptr + rm_in).to(tl.float32)[:, None]
+        e = tl.load(e_ptr + rr[:, None] * stride_er + rn_in[None, :].to(tl.int64) * stride_en,
+                    mask=rr[:, None] < R, other=0.0)
+        if DROP_EPI:
+            low = tl.dot(s, e.to(tl.float32), input_precision=EPI_PRECISION)
+            acc += _dropout(low, rm_in, rn, N, seed, p, inv_keep)
+        elif UPCAST:
+            acc = tl.dot(s, e.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(s.to(op_ty), e.to(op_ty), acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
+        out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
 
 
 @triton.jit
@@ -265,6 +322,32 @@ def gemm_config(M, N, K, interpret, drop_epi=False, drop_s=False):
     if M <= 256:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+# The persistent TMA GEMM (lora_gemm_tma_kernel) takes over above this many rows, on sm_90+
+# (its tiles are sized for wgmma; sm_80 keeps lora_gemm_kernel, where 128x256 tiles on
+# mma.sync spill 3-4 KB), for bf16 / fp16 operands whose strides TMA can read (fp32 keeps
+# lora_gemm_kernel).
+TMA_MIN_ROWS = 257
+MIN_ARCH = {"lora_gemm_tma_kernel": 90}  # read by the launcher and by compile-check
+
+
+def tma_config(M, N, K, interpret, num_sms, drop_epi=False):
+    """Launch config for ``lora_gemm_tma_kernel`` (registers a thread, shared KiB on sm_90 by
+    compile-check; none spills). The largest tile that still gives every SM a tile:
+    128x256x64, 8 warps, 3 stages (two warpgroups of 64x256 wgmma, 48 KiB a stage: 190-218
+    regs, 220-224 KiB); then 128x128 (4 stages), then 64x128 on 4 warps (narrow outputs such
+    as a 1.1B Llama's k / v projections, 256 wide). The dx dropout epilogue holds a second
+    fp32 tile and the Philox state, so it starts at 128x128 (197 regs). Not yet timed on a GPU."""
+    if interpret:
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)
+    def tiles(bm, bn):
+        return triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    if not drop_epi and tiles(128, 256) >= num_sms:
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    if tiles(128, 128) >= num_sms:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
 
 
 def rank_add_config(M, N, interpret, dropout=False):

@@ -115,6 +115,12 @@ def specialise(rec: dict, arch: int):
     for kind, value in rec["args"]:
         if kind == "tensor":
             args.append(MockTensor(getattr(torch, value)))  # data_ptr 0: 16-byte aligned
+        elif kind == "tensordesc":  # a TMA descriptor over such a tensor, its sizes as at real shapes
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            args.append(TensorDescriptor(MockTensor(getattr(torch, value["dtype"])),
+                                         [_real_shape_int(v) for v in value["shape"]],
+                                         [_real_shape_int(v) for v in value["strides"]], value["block_shape"]))
         elif kind == "int":
             args.append(_real_shape_int(value))
         else:  # float, bool, None, constexpr: as launched
@@ -125,15 +131,36 @@ def specialise(rec: dict, arch: int):
     return fn, signature, constexprs, attrs, options, target
 
 
+def _arg_dtype(arg: list) -> str | None:
+    """The element dtype of a recorded tensor or TMA descriptor argument, else None."""
+    if arg[0] == "tensor":
+        return arg[1]
+    if arg[0] == "tensordesc":
+        return arg[1]["dtype"]
+    return None
+
+
 def _code_path(rec: dict) -> str:
-    """A launch without its integer values: kernel, dtypes, constexprs, warps / stages."""
+    """A launch without its integer values: kernel, dtypes, constexprs, warps / stages (TMA
+    descriptors by dtype and box, not by the sizes of their tensors)."""
+    def kind(a):
+        if a[0] == "int":
+            return ["int"]
+        if a[0] == "tensordesc":
+            return ["tensordesc", a[1]["dtype"], a[1]["block_shape"]]
+        return a
     return json.dumps([rec["module"], rec["name"], rec["options"],
-                       [a if a[0] != "int" else ["int"] for a in rec["args"] if a[0] not in ("float", "bool")]],
-                      sort_keys=True)
+                       [kind(a) for a in rec["args"] if a[0] not in ("float", "bool")]], sort_keys=True)
 
 
 def _int_pattern(rec: dict) -> tuple:
     return tuple(a[1] == 1 for a in rec["args"] if a[0] == "int")
+
+
+def min_arch(rec: dict) -> int:
+    """The oldest arch a kernel is launched on: its module's ``MIN_ARCH`` entry (a TMA
+    kernel is dispatched on sm_90+ only), else any."""
+    return getattr(importlib.import_module(rec["module"]), "MIN_ARCH", {}).get(rec["name"], 0)
 
 
 def plan(recs: list[dict], archs: list[int], full_archs: set[int]) -> list[tuple[dict, int]]:
@@ -143,13 +170,14 @@ def plan(recs: list[dict], archs: list[int], full_archs: set[int]) -> list[tuple
     quarter of the cost: a cold compile takes ~2.7 s of one core."""
     jobs: dict[str, tuple[dict, int]] = {}
     for arch in archs:
+        eligible = [r for r in recs if arch >= min_arch(r)]
         if arch in full_archs:
-            for rec in recs:
+            for rec in eligible:
                 jobs.setdefault(_spec_key(rec, arch), (rec, arch))
             continue
         by_path: dict[str, list[dict]] = {}
-        for rec in recs:
-            if any(a[0] == "tensor" and a[1] in ("bfloat16", "float16") for a in rec["args"]):
+        for rec in eligible:
+            if any(_arg_dtype(a) in ("bfloat16", "float16") for a in rec["args"]):
                 by_path.setdefault(_code_path(rec), []).append(rec)
         for group in by_path.values():
             counts: dict[tuple, int] = {}
@@ -180,7 +208,7 @@ def compile_one(rec: dict, arch: int) -> dict:
 
     out = {"kernel": rec["name"], "module": rec["module"], "arch": arch, "options": rec["options"],
            "constexprs": {k: v for k, v in rec["constexprs"].items() if isinstance(v, (int, bool, str, float))},
-           "dtypes": sorted({v for k, v in rec["args"] if k == "tensor"})}
+           "dtypes": sorted({_arg_dtype(a) for a in rec["args"]} - {None})}
     t0 = time.perf_counter()
     try:
         fn, signature, constexprs, attrs, options, target = specialise(rec, arch)
@@ -206,7 +234,7 @@ def verdict(res: dict) -> str | None:
     """Why this variant fails the check (None: it passes)."""
     if not res["ok"]:
         return "compile error"
-    half = any(t in HALF for t in res.get("signature", {}).values())
+    half = any(t in HALF or t.startswith(("tensordesc<bf16", "tensordesc<fp16")) for t in res.get("signature", {}).values())
     if res["stack"] > 0 and half:
         return f"spills {res['stack']} B in a half-precision variant"
     if res["shared"] > SHARED_LIMIT[res["arch"]]:

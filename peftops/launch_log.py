@@ -2,7 +2,8 @@
 interpreter, for ``python -m peftops compile-check`` (tests/conftest.py loads it).
 
 Each process writes ``build/launches/launches-<worker>.json``: per distinct launch the
-kernel, each parameter's kind and value (tensor dtype, integer, float, None, constexpr)
+kernel, each parameter's kind and value (tensor dtype, TMA descriptor, integer, float, None,
+constexpr)
 and num_warps / num_stages. The controlling process writes ``manifest.json``: whether the
 run was the full suite, passed, and used the GPU launch configs, and when it finished, so
 compile-check knows whether the record stands for the code as it is.
@@ -27,6 +28,9 @@ def _describe(value) -> list:
 
     if isinstance(value, torch.Tensor):
         return ["tensor", str(value.dtype).replace("torch.", "")]
+    if type(value).__name__ == "TensorDescriptor":  # a TMA descriptor: its tensor's dtype and layout, the box
+        return ["tensordesc", {"dtype": str(value.base.dtype).replace("torch.", ""), "shape": list(value.shape),
+                               "strides": list(value.strides), "block_shape": list(value.block_shape)}]
     if value is None:
         return ["none", None]
     if isinstance(value, bool):

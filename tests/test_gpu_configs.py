@@ -44,6 +44,38 @@ def test_ia3_row_regimes(rows, feedforward, dtype):
     run_parity(ia3_args((rows,), 48, 40, feedforward=feedforward), dtype, feedforward)
 
 
+# ------------------------------------------- LoRA: the persistent TMA GEMM's tile regimes
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rows,n_in,n_out,dropout", [
+    (300, 16, 264, 0.0),    # y: 3 x 2 tiles of 128x256; dx (16 wide): 64x128
+    (300, 200, 16, 0.0),    # dx: 3 x 2 tiles of 128x128 (3 x 1 of 128x256 would idle an SM)
+    (300, 200, 16, 0.25),   # dx's dropout epilogue at 128x128; y via the S pass
+], ids=["128x256", "128x128", "128x128-dropout"])
+def test_lora_tma_tile_regimes(rows, n_in, n_out, dropout, dtype, monkeypatch):
+    """The tile sizes shrink until every SM has a tile (kernels/lora.py ``tma_config``). On a
+    4-SM target (an H100 has 132: the same choices at 33x the rows) each regime is reached at
+    small shapes, and the 4 persistent programs walk several tiles each."""
+    from test_lora import lora_args, run_parity
+    from peftops._launch import new_seed
+    from peftops.ops import lora as lora_ops
+    from parity import DEVICE
+
+    monkeypatch.setattr(lora_ops, "TARGET_SMS", 4)
+    if DEVICE.type == "cuda":
+        monkeypatch.setattr(lora_ops, "num_sms", lambda device: 4)
+    args = lora_args((rows,), n_in, n_out, 4, gate="token")
+    kw = dict(scaling=0.5)
+    ref_kw = dict(kw)
+    if dropout:
+        torch.manual_seed(3)
+        mask = lora_ops.dropout_mask(int(new_seed()), (rows, n_in), dropout, DEVICE).double()
+        ref_kw.update(dropout_p=dropout, dropout_mask=mask)
+        kw.update(dropout_p=dropout)
+        torch.manual_seed(3)
+    run_parity(args, dtype, op_kwargs=kw, ref_kwargs=ref_kw)
+    assert peftops.dispatch_counts().get("launch.lora_gemm_tma") == 2
+
+
 # ----------------------------------------------------- bottleneck adapter: rows x width regimes
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [24, 100, 200], ids=["m<=64", "m<=128", "m>128"])

@@ -157,3 +157,55 @@ def test_custom_ops_opcheck_each_path(path_name):
     y, s = lo.lora_fwd(*fwd)
     torch.library.opcheck(lo.lora_bwd, (torch.randn_like(y), m["x"], m["weight"], m["lora_A"], m["lora_B"], s, g,
                                         0.5, 0.0, None, True, path_name))
+
+
+# ------------------------------------- the persistent TMA GEMM (kernel path, many rows)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", ["plain", "gate-no-bias", "dropout", "fp32-adapters"])
+def test_tma_gemm_many_rows(case, dtype):
+    """Above TMA_MIN_ROWS rows a TMA-readable half base runs lora_gemm_tma_kernel for y and dx:
+    S fused into the forward's main loop without dropout (backward's two passes only), the
+    skinny S pass and the dx dropout epilogue with it; both weight layouts (y reads W as
+    [out, in], dx as [in, out])."""
+    from peftops.kernels.lora import TMA_MIN_ROWS
+
+    lead = (3, 100)
+    assert math.prod(lead) >= TMA_MIN_ROWS
+    args = lora_args(lead, 48, 40, 6, bias=case != "gate-no-bias", gate="token" if case != "plain" else None)
+    op_kwargs, ref_kwargs = dict(scaling=0.75), dict(scaling=0.75)
+    if case == "dropout":
+        torch.manual_seed(7)
+        mask = dropout_mask(int(new_seed()), (math.prod(lead), 48), 0.3, DEVICE).view(*lead, 48).double()
+        torch.manual_seed(7)
+        op_kwargs, ref_kwargs = dict(scaling=0.75, dropout_p=0.3), dict(scaling=0.75, dropout_p=0.3, dropout_mask=mask)
+    with peftops.force_path("lora", "kernel"):
+        if case == "fp32-adapters":
+            op = {k: copy_as(v, torch.float32 if k in ("lora_A", "lora_B", "gate") else dtype,
+                             k not in ("weight", "bias")) for k, v in args.items()}
+            ref = {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in op.items()}
+            y = peftops.lora_linear(**op, **op_kwargs)
+            want = reference.lora_linear(**ref, **ref_kwargs)
+            assert_close("y", y, want, BOUNDS[dtype])
+            dy = torch.randn_like(want)
+            y.backward(dy.to(dtype))
+            want.backward(dy)
+            for name in ("x", "lora_A", "lora_B", "gate"):
+                assert op[name].grad.dtype == op[name].dtype
+                assert_close(f"d{name}", op[name].grad, ref[name].grad, BOUNDS[dtype])
+        else:
+            run_parity(args, dtype, op_kwargs=op_kwargs, ref_kwargs=ref_kwargs)
+    c = peftops.dispatch_counts()
+    assert c.get("launch.lora_gemm_tma") == 2 and "launch.lora_gemm" not in c, c   # y and dx
+    assert c.get("launch.lora_skinny") == (3 if case == "dropout" else 2), c       # S pass only with dropout
+
+
+@pytest.mark.parametrize("why", ["odd-features", "fp32", "few-rows"])
+def test_tma_gemm_only_where_tma_reads(why):
+    """Rows whose features TMA cannot read (45 bf16 = 90 B, not 16-byte aligned), fp32, or
+    too few rows run lora_gemm_kernel: same math, counted under its own name."""
+    n_in, dtype, lead = {"odd-features": (45, torch.bfloat16, (300,)), "fp32": (48, torch.float32, (300,)),
+                         "few-rows": (48, torch.bfloat16, (200,))}[why]
+    with peftops.force_path("lora", "kernel"):
+        run_parity(lora_args(lead, n_in, 40, 6), dtype)
+    c = peftops.dispatch_counts()
+    assert c.get("launch.lora_gemm") == 2 and "launch.lora_gemm_tma" not in c, c

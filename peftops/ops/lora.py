@@ -4,8 +4,10 @@
 
 Two paths, picked per shape by ``PATHS`` (DESIGN.md, Dispatch), both exact:
 * ``kernel``: S = drop(x) A^T ([T, r] fp32, saved) and one Triton GEMM whose single fp32
-  accumulator takes the rank-r term as BLOCK_R more K-steps; up to 64 rows S is made
-  inside that GEMM (one launch), above it by one skinny pass over x first.
+  accumulator takes the rank-r term as BLOCK_R more K-steps. Above 256 rows of a bf16 /
+  fp16 base on sm_90 that GEMM is the persistent TMA kernel. S is made inside the GEMM
+  (one launch) up to 64 rows, and at any row count on the TMA kernel without dropout;
+  otherwise by one skinny pass over x first.
 * ``cublas``: the frozen GEMM on cuBLAS (``F.linear``, bias in its epilogue), S by the same
   skinny pass, and one small fused kernel adding gate * scaling * S B^T into y in place.
 Backward (algebra beside each launch in ``lora_bwd``): one pass over dY gives dY B and dB;
@@ -160,12 +162,74 @@ def _skinny(x, e=None, f=None, *, seed=None, p=0.0):
     return (p1.sum(0) if p1 is not None else None), (p2.sum(0) if p2 is not None else None)
 
 
+TARGET_SMS = 132  # the TMA GEMM's tile choice off a GPU (interpreter, compile-check): an H100's SMs
+
+
+def _tma_readable(t: torch.Tensor) -> bool:
+    """Whether a TMA descriptor can read ``t`` as it is: unit last stride, 16-byte aligned
+    base and other strides (no copy is ever made to get there)."""
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1]))
+
+
+def _use_tma(x, w, fuse_a=None) -> bool:
+    """The persistent TMA GEMM for many rows of a bf16 / fp16 base whose x, W (either
+    layout) and fused A are TMA-readable; else ``lora_gemm_kernel`` (same math)."""
+    k = kernels("lora")
+    if x.shape[0] < k.TMA_MIN_ROWS or x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] * 10 < k.MIN_ARCH["lora_gemm_tma_kernel"]:
+        return False
+    w_stored = w.t() if w.stride(0) == 1 else w                                  # [N, K] (W^T view) or [K, N]
+    out_row = w.shape[1] * x.element_size()
+    return (_tma_readable(x) and _tma_readable(w_stored) and out_row % 16 == 0
+            and (fuse_a is None or _tma_readable(fuse_a)))
+
+
+def _gemm_tma(x, w, bias, s, e, rowscale, scale, out_dtype, *, seed=None, p=0.0, fuse_a=None):
+    """``_gemm`` on the persistent TMA kernel (``_use_tma`` says when it can run)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    k = kernels("lora")
+    M, K = x.shape
+    N = w.shape[1]
+    R = s.shape[1]
+    out = empty((M, N), out_dtype, x.device)
+    sms = num_sms(x.device) if x.is_cuda else TARGET_SMS
+    cfg = k.tma_config(M, N, K, cpu_configs(x), sms, drop_epi=fuse_a is None and seed is not None)
+    bm, bn, bk, br = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], next_pow2(R)
+    w_nk = w.stride(0) == 1
+    x_desc = TensorDescriptor.from_tensor(x, [bm, bk])
+    w_desc = TensorDescriptor.from_tensor(w.t(), [bn, bk]) if w_nk else TensorDescriptor.from_tensor(w, [bk, bn])
+    a_desc = TensorDescriptor.from_tensor(fuse_a, [br, bk]) if fuse_a is not None else x_desc
+    out_desc = TensorDescriptor.from_tensor(out, [bm, bn])
+    tiles = -(-M // bm) * -(-N // bn)
+    epi = "tf32" if x.dtype != torch.float32 else dot_precision(x.dtype)
+    k.lora_gemm_tma_kernel[(min(tiles, sms),)](
+        x_desc, w_desc, a_desc, out_desc, bias if bias is not None else out, s, e,
+        rowscale if rowscale is not None else s,
+        M, N, K, R, s.stride(0), s.stride(1), e.stride(0), e.stride(1),
+        scale, int(seed) if seed is not None else 0, p, 1.0 / (1.0 - p),
+        HAS_BIAS=bias is not None, HAS_ROWSCALE=rowscale is not None, FUSE_S=fuse_a is not None, W_NK=w_nk,
+        DROP_EPI=fuse_a is None and seed is not None,
+        UPCAST=upcast_dots(x.dtype), PRECISION=dot_precision(x.dtype), EPI_PRECISION=epi,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    record_launch("lora_gemm_tma")
+    return out
+
+
 def _gemm(x, w, bias, s, e, rowscale, scale, out_dtype, *, seed=None, p=0.0, fuse_a=None):
     """``out = x @ w + bias + scale * rowscale * drop(s @ e)``; x ``[M, K]``, w ``[K, N]``,
     s ``[M, r]``, e ``[r, N]`` (any strides).
 
     ``fuse_a`` (``[r, K]``): compute ``s = drop(x) fuse_a^T`` in the GEMM's main loop and write
-    it into ``s`` (the dropout, if any, then acts on that x, not on the rank-r term)."""
+    it into ``s`` (the dropout, if any, then acts on that x, not on the rank-r term).
+    Many rows of a TMA-readable half-precision base go to the persistent TMA kernel."""
+    if _use_tma(x, w, fuse_a):
+        assert fuse_a is None or seed is None, "the TMA GEMM fuses S only without dropout"
+        return _gemm_tma(x, w, bias, s, e, rowscale, scale, out_dtype, seed=seed, p=p, fuse_a=fuse_a)
     k = kernels("lora")
     M, K = x.shape
     N = w.shape[1]
@@ -234,7 +298,8 @@ def _lora_fwd(
     if T == 0:
         return x.new_empty((0, weight.shape[0])), x.new_empty((0, r), dtype=torch.float32)
     seed_v = None if seed is None else int(seed.item())                          # a CPU tensor: no device sync
-    if path == "kernel" and T <= kernels("lora").FUSE_S_MAX_ROWS:                # one launch: S made in the GEMM
+    fuse = T <= kernels("lora").FUSE_S_MAX_ROWS or (dropout_p == 0.0 and _use_tma(x, weight.t(), lora_A))
+    if path == "kernel" and fuse:                                                # one launch: S made in the GEMM
         s = empty((T, r), torch.float32, x.device)
         y = _gemm(x, weight.t(), bias, s, lora_B.t(), gate, scaling, x.dtype, seed=seed_v, p=dropout_p,
                   fuse_a=lora_A)
