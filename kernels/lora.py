@@ -330,6 +330,10 @@ def gemm_config(M, N, K, interpret, drop_epi=False, drop_s=False):
 # lora_gemm_kernel).
 TMA_MIN_ROWS = 257
 MIN_ARCH = {"lora_gemm_tma_kernel": 90}  # read by the launcher and by compile-check
+# Without dropout the TMA GEMM makes S = x A^T in its main loop (BLOCK_R / BLOCK_N more MMA
+# work on n = 16 instructions) instead of the skinny pass over x first (0.040 ms at T = 8192
+# on an H100); bench/MODEL.md weighs the two, a GPU run of peftops[kernel] decides.
+TMA_FUSE_S = True
 
 
 def tma_config(M, N, K, interpret, num_sms, drop_epi=False):

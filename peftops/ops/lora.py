@@ -298,7 +298,8 @@ def _lora_fwd(
     if T == 0:
         return x.new_empty((0, weight.shape[0])), x.new_empty((0, r), dtype=torch.float32)
     seed_v = None if seed is None else int(seed.item())                          # a CPU tensor: no device sync
-    fuse = T <= kernels("lora").FUSE_S_MAX_ROWS or (dropout_p == 0.0 and _use_tma(x, weight.t(), lora_A))
+    k = kernels("lora")
+    fuse = T <= k.FUSE_S_MAX_ROWS or (k.TMA_FUSE_S and dropout_p == 0.0 and _use_tma(x, weight.t(), lora_A))
     if path == "kernel" and fuse:                                                # one launch: S made in the GEMM
         s = empty((T, r), torch.float32, x.device)
         y = _gemm(x, weight.t(), bias, s, lora_B.t(), gate, scaling, x.dtype, seed=seed_v, p=dropout_p,
@@ -323,7 +324,7 @@ def _lora_bwd(
     seed: torch.Tensor | None, need_dx: bool, path: str = "kernel",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward with W frozen: (dx or an empty tensor, dA, dB, dgate per row [T] fp32)."""
-    T, r = x.shape[0], lora_A.shape[0]
+    T = x.shape[0]
     if T == 0:
         dx = x.new_zeros(x.shape) if need_dx else x.new_empty(0)
         return dx, lora_A.new_zeros(lora_A.shape), lora_B.new_zeros(lora_B.shape), s.new_zeros(0)
