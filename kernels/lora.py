@@ -362,22 +362,29 @@ def rank_add_config(M, N, interpret, dropout=False):
     return dict(BLOCK_M=64, BLOCK_N=128, num_warps=8 if dropout else 4)
 
 
-def skinny_config(M, N, want_programs, interpret):
+def skinny_config(M, N, want_programs, interpret, half=True):
     """Launch config for ``lora_skinny_kernel``: tile sizes and the number of column
     splits (enough programs to fill the GPU when M is small)."""
+    warps = 4
     if interpret:
         block_m, block_n = 32, 64
     elif M <= 16:
         block_m, block_n = 16, 256
-    else:
+    elif M < SKINNY_TALL_ROWS or not half:
         block_m, block_n = 64, 128
+    else:  # P2's fp32 partials are one [N, r] per row block: 256-row blocks write 4x fewer
+        block_m, block_n, warps = 256, 64, 8  # (T = 8192, d = 4096, r = 16: 8.4 MB, not 33.5);
+        # bf16 / fp16 only: fp32 tiles this tall spill 0.6-1.5 KB with dropout
     m_blocks = triton.cdiv(M, block_m)
     n_blocks = triton.cdiv(N, block_n)
     splits = 1 if interpret else max(1, min(n_blocks, want_programs // max(m_blocks, 1)))
     n_per_split = triton.cdiv(n_blocks, splits) * block_n
     splits = triton.cdiv(N, n_per_split)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, splits=splits, n_per_split=n_per_split,
-                num_warps=4, num_stages=3)
+                num_warps=warps, num_stages=3)
+
+
+SKINNY_TALL_ROWS = 2048  # from here on lora_skinny_kernel takes 256-row blocks
 
 
 @triton.jit

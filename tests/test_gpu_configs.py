@@ -44,6 +44,25 @@ def test_ia3_row_regimes(rows, feedforward, dtype):
     run_parity(ia3_args((rows,), 48, 40, feedforward=feedforward), dtype, feedforward)
 
 
+# ----------------------------------- LoRA: the skinny passes' tall row blocks (S, dY B + dB, dA)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_lora_skinny_tall_rows(dtype):
+    from test_lora import lora_args, run_parity
+    from peftops._launch import new_seed
+    from peftops.kernels.lora import SKINNY_TALL_ROWS
+    from peftops.ops.lora import dropout_mask
+    from parity import DEVICE
+
+    rows = SKINNY_TALL_ROWS + 52
+    args = lora_args((rows,), 40, 24, 5, gate="token")
+    torch.manual_seed(4)
+    mask = dropout_mask(int(new_seed()), (rows, 40), 0.2, DEVICE).double()
+    torch.manual_seed(4)
+    run_parity(args, dtype, op_kwargs=dict(scaling=0.5, dropout_p=0.2),
+               ref_kwargs=dict(scaling=0.5, dropout_p=0.2, dropout_mask=mask))
+    assert peftops.dispatch_counts().get("launch.lora_skinny") == 3
+
+
 # ------------------------------------------- LoRA: the persistent TMA GEMM's tile regimes
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("rows,n_in,n_out,dropout", [
