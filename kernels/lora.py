@@ -48,6 +48,47 @@ def _dropout(tile, rows, cols, n_cols, seed, p, inv_keep):
 
 
 @triton.jit
+def _rank_r_epilogue(acc, s, rm, rn, M, N, R, store_s, s_ptr, stride_sm, stride_sr, e_ptr, stride_er, stride_en,
+                     rowscale_ptr, bias_ptr, scale, seed, p, inv_keep, op_ty: tl.constexpr,
+                     FUSE_S: tl.constexpr, HAS_ROWSCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     DROP_EPI: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                     EPI_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Both GEMMs' epilogue: acc + scale * rowscale * drop(S @ E) + bias for the tile at rows
+    rm, columns rn. S [BLOCK_M, r] (r padded to BLOCK_R >= 16) is the fused one (stored for
+    backward where ``store_s``) or read from s_ptr; the row gate and the scaling are folded
+    into S first (a [BLOCK_M, BLOCK_R] multiply, not a [BLOCK_M, BLOCK_N] one). Rows /
+    columns past the edge are wrapped (the caller masks or clips the store)."""
+    rr = tl.arange(0, BLOCK_R)
+    rm_in = (rm % M).to(tl.int64)
+    rn_in = rn % N
+    s_ptrs = s_ptr + rm_in[:, None] * stride_sm + rr[None, :] * stride_sr
+    if FUSE_S:
+        if store_s:
+            tl.store(s_ptrs, s, mask=(rm[:, None] < M) & (rr[None, :] < R))
+    else:
+        s = tl.load(s_ptrs, mask=rr[None, :] < R, other=0.0).to(tl.float32)
+    s = s * scale
+    if HAS_ROWSCALE:
+        s = s * tl.load(rowscale_ptr + rm_in).to(tl.float32)[:, None]
+    e = tl.load(e_ptr + rr[:, None] * stride_er + rn_in[None, :].to(tl.int64) * stride_en,
+                mask=rr[:, None] < R, other=0.0)
+    if DROP_EPI:
+        # dx with dropout: the mask acts elementwise on (dS A), so this product needs its own
+        # tile before it joins the accumulator (launch configs keep the pair spill-free).
+        low = tl.dot(s, e.to(tl.float32), input_precision=EPI_PRECISION)
+        acc += _dropout(low, rm_in, rn, N, seed, p, inv_keep)
+    elif UPCAST:
+        acc = tl.dot(s, e.to(tl.float32), acc, input_precision=PRECISION)
+    else:
+        # One accumulator: BLOCK_R more K-steps of the same MMA, operands in the main loop's
+        # dtype (S rounded to it, as the eager formula rounds x A^T; fp32 adapters cast here).
+        acc = tl.dot(s.to(op_ty), e.to(op_ty), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def lora_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, s_ptr, e_ptr, rowscale_ptr, a_ptr, out_ptr,
     M, N, K, R,
@@ -86,9 +127,9 @@ def lora_gemm_kernel(
     w_ptrs = w_ptr + rk[:, None] * stride_wk + rn_in[None, :].to(tl.int64) * stride_wn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)                          # read from s_ptr unless FUSE_S
     if FUSE_S:
         a_ptrs = a_ptr + rk[:, None] * stride_ak + rr[None, :] * stride_ar        # A^T tile [BLOCK_K, BLOCK_R]
-        s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
         a = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
@@ -107,36 +148,9 @@ def lora_gemm_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    # The rank-r term, S [BLOCK_M, r] @ E [r, BLOCK_N] (r padded to BLOCK_R >= 16), with the
-    # row gate and the scaling folded into S first (a [BLOCK_M, BLOCK_R] multiply, not a
-    # [BLOCK_M, BLOCK_N] one).
-    s_ptrs = s_ptr + rm_in[:, None] * stride_sm + rr[None, :] * stride_sr
-    if FUSE_S:
-        if pid_n == 0:
-            tl.store(s_ptrs, s, mask=(rm[:, None] < M) & (rr[None, :] < R))
-    else:
-        s = tl.load(s_ptrs, mask=rr[None, :] < R, other=0.0).to(tl.float32)
-    s = s * scale
-    if HAS_ROWSCALE:
-        s = s * tl.load(rowscale_ptr + rm_in).to(tl.float32)[:, None]
-    e = tl.load(e_ptr + rr[:, None] * stride_er + rn_in[None, :].to(tl.int64) * stride_en,
-                mask=rr[:, None] < R, other=0.0)
-    if DROP_EPI:
-        # dx with dropout: the mask acts elementwise on (dS A), so this product needs its own
-        # tile before it joins the accumulator (launch configs keep the pair spill-free).
-        low = tl.dot(s, e.to(tl.float32), input_precision=EPI_PRECISION)
-        acc += _dropout(low, rm_in, rn, N, seed, p, inv_keep)
-    else:
-        # One accumulator: BLOCK_R more K-steps of the same MMA, operands in the main loop's
-        # dtype (S rounded to it, as the eager formula rounds x A^T; fp32 adapters cast here).
-        if UPCAST:
-            acc = tl.dot(s, e.to(tl.float32), acc, input_precision=PRECISION)
-        else:
-            op_ty = x_ptr.dtype.element_ty
-            acc = tl.dot(s.to(op_ty), e.to(op_ty), acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
-
+    acc = _rank_r_epilogue(acc, s, rm, rn, M, N, R, pid_n == 0, s_ptr, stride_sm, stride_sr, e_ptr, stride_er,
+                           stride_en, rowscale_ptr, bias_ptr, scale, seed, p, inv_keep, x_ptr.dtype.element_ty,
+                           FUSE_S, HAS_ROWSCALE, HAS_BIAS, DROP_EPI, UPCAST, PRECISION, EPI_PRECISION, BLOCK_R)
     out_ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
@@ -166,29 +180,9 @@ def lora_gemm_tma_kernel(
                               BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
         rm = off_m + tl.arange(0, BLOCK_M)
         rn = off_n + tl.arange(0, BLOCK_N)
-        rr = tl.arange(0, BLOCK_R)
-        rm_in = (rm % M).to(tl.int64)
-        rn_in = rn % N
-        s_ptrs = s_ptr + rm_in[:, None] * stride_sm + rr[None, :] * stride_sr
-        if FUSE_S:
-            if off_n == 0:
-                tl.store(s_ptrs, s, mask=(rm[:, None] < M) & (rr[None, :] < R))
-        else:
-            s = tl.load(s_ptrs, mask=rr[None, :] < R, other=0.0).to(tl.float32)
-        s = s * scale
-        if HAS_ROWSCALE:
-            s = s * tl.load(rowscale_ptr + rm_in).to(tl.float32)[:, None]
-        e = tl.load(e_ptr + rr[:, None] * stride_er + rn_in[None, :].to(tl.int64) * stride_en,
-                    mask=rr[:, None] < R, other=0.0)
-        if DROP_EPI:
-            low = tl.dot(s, e.to(tl.float32), input_precision=EPI_PRECISION)
-            acc += _dropout(low, rm_in, rn, N, seed, p, inv_keep)
-        elif UPCAST:
-            acc = tl.dot(s, e.to(tl.float32), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(s.to(op_ty), e.to(op_ty), acc, input_precision=PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
+        acc = _rank_r_epilogue(acc, s, rm, rn, M, N, R, off_n == 0, s_ptr, stride_sm, stride_sr, e_ptr, stride_er,
+                               stride_en, rowscale_ptr, bias_ptr, scale, seed, p, inv_keep, op_ty,
+                               FUSE_S, HAS_ROWSCALE, HAS_BIAS, DROP_EPI, UPCAST, PRECISION, EPI_PRECISION, BLOCK_R)
         out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
 
 
