@@ -90,13 +90,13 @@ def _rank_r_epilogue(acc, s, rm, rn, M, N, R, store_s, s_ptr, stride_sm, stride_
 
 @triton.jit
 def lora_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, s_ptr, e_ptr, rowscale_ptr, a_ptr, out_ptr,
-    M, N, K, R,
+    x_ptr, w_ptr, bias_ptr, s_ptr, e_ptr, rowscale_ptr, a_ptr, out_ptr, part_ptr, part_s_ptr, arrived_ptr,
+    M, N, K, R, k_per_split,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_sm, stride_sr,
     stride_er, stride_en, stride_ar, stride_ak, stride_om, stride_on,
     scale, seed, p, inv_keep,
     HAS_BIAS: tl.constexpr, HAS_ROWSCALE: tl.constexpr, FUSE_S: tl.constexpr,
-    DROP_S: tl.constexpr, DROP_EPI: tl.constexpr,
+    DROP_S: tl.constexpr, DROP_EPI: tl.constexpr, SPLIT_K: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, EPI_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
@@ -106,6 +106,11 @@ def lora_gemm_kernel(
     # store S for backward): one launch instead of three. Otherwise S is read from s_ptr.
     # DROP_S: dropout on the x tiles feeding S. DROP_EPI: dropout on the rank-r term (dx).
     # Grouped tile order: GROUP_M row blocks share each column block of W while in L2.
+    # SPLIT_K (decode with fewer column tiles than SMs): program (tile, j) runs the main loop
+    # over K columns [j * k_per_split, +k_per_split) and stores its fp32 partials (acc and
+    # S); the last split of a tile to arrive (one counter per tile) sums every split's
+    # partials in split order, so the result does not depend on which one is last, runs the
+    # epilogue and resets the counter for the next launch. One launch, no atomics on data.
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -119,19 +124,24 @@ def lora_gemm_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
+    k_lo = 0
+    k_hi = K
+    if SPLIT_K:
+        k_lo = tl.program_id(1) * k_per_split
+        k_hi = tl.minimum(K, k_lo + k_per_split)
     # Rows / columns past the edge are wrapped (their results are masked at the store),
     # so the main loop only masks K.
     rm_in = (rm % M).to(tl.int64)
     rn_in = rn % N
-    x_ptrs = x_ptr + rm_in[:, None] * stride_xm + rk[None, :] * stride_xk
-    w_ptrs = w_ptr + rk[:, None] * stride_wk + rn_in[None, :].to(tl.int64) * stride_wn
+    x_ptrs = x_ptr + rm_in[:, None] * stride_xm + (k_lo + rk)[None, :] * stride_xk
+    w_ptrs = w_ptr + (k_lo + rk)[:, None] * stride_wk + rn_in[None, :].to(tl.int64) * stride_wn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)                          # read from s_ptr unless FUSE_S
     if FUSE_S:
-        a_ptrs = a_ptr + rk[:, None] * stride_ak + rr[None, :] * stride_ar        # A^T tile [BLOCK_K, BLOCK_R]
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
+        a_ptrs = a_ptr + (k_lo + rk)[:, None] * stride_ak + rr[None, :] * stride_ar  # A^T tile [BLOCK_K, BLOCK_R]
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k_left = k_hi - k0
         a = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
         b = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
         if UPCAST:
@@ -142,17 +152,55 @@ def lora_gemm_kernel(
             at = tl.load(a_ptrs, mask=(rk[:, None] < k_left) & (rr[None, :] < R), other=0.0)
             xs = a
             if DROP_S:
-                xs = _dropout(a.to(tl.float32), rm_in, k * BLOCK_K + rk, K, seed, p, inv_keep).to(a.dtype)
+                xs = _dropout(a.to(tl.float32), rm_in, k0 + rk, K, seed, p, inv_keep).to(a.dtype)
             s = tl.dot(xs, at.to(a.dtype), s, input_precision=PRECISION)
             a_ptrs += BLOCK_K * stride_ak
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    acc = _rank_r_epilogue(acc, s, rm, rn, M, N, R, pid_n == 0, s_ptr, stride_sm, stride_sr, e_ptr, stride_er,
+    store_s = pid_n == 0
+    rows_out = M                                                                # rows this program writes
+    if SPLIT_K:
+        acc, s, last = _sum_splits(acc, s, pid, part_ptr, part_s_ptr, arrived_ptr, FUSE_S,
+                                   BLOCK_M, BLOCK_N, BLOCK_R)
+        store_s = pid_n + (1 - last) == 0
+        rows_out = M * last                                                     # (a mask the interpreter takes too)
+    acc = _rank_r_epilogue(acc, s, rm, rn, M, N, R, store_s, s_ptr, stride_sm, stride_sr, e_ptr, stride_er,
                            stride_en, rowscale_ptr, bias_ptr, scale, seed, p, inv_keep, x_ptr.dtype.element_ty,
                            FUSE_S, HAS_ROWSCALE, HAS_BIAS, DROP_EPI, UPCAST, PRECISION, EPI_PRECISION, BLOCK_R)
     out_ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < rows_out) & (rn[None, :] < N))
+
+
+@triton.jit
+def _sum_splits(acc, s, tile, part_ptr, part_s_ptr, arrived_ptr, FUSE_S: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Split-K: store this split's fp32 partials (acc, and S with FUSE_S) of ``tile``, count
+    the arrival; the last split returns (sum of every split's partials in split order, 1),
+    the others (their own partials, 0: their epilogue's stores are masked off)."""
+    splits = tl.num_programs(1)
+    tiles = tl.num_programs(0)
+    bm = tl.arange(0, BLOCK_M)
+    tile_off = bm[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    s_off = bm[:, None] * BLOCK_R + tl.arange(0, BLOCK_R)[None, :]
+    mine = (tl.program_id(1) * tiles + tile).to(tl.int64)
+    tl.store(part_ptr + mine * (BLOCK_M * BLOCK_N) + tile_off, acc)
+    if FUSE_S:
+        tl.store(part_s_ptr + mine * (BLOCK_M * BLOCK_R) + s_off, s)
+    # Every thread's partial is written before one thread releases the count (barrier, then
+    # a gpu-scope acq_rel atomic); the last split's reads come after its acquire, from L2.
+    tl.debug_barrier()
+    last = (tl.atomic_add(arrived_ptr + tile, 1, sem="acq_rel", scope="gpu") == splits - 1).to(tl.int32)
+    if last == 1:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for j in range(0, splits):
+            q = (j * tiles + tile).to(tl.int64)
+            acc += tl.load(part_ptr + q * (BLOCK_M * BLOCK_N) + tile_off, cache_modifier=".cg")
+            if FUSE_S:
+                s += tl.load(part_s_ptr + q * (BLOCK_M * BLOCK_R) + s_off, cache_modifier=".cg")
+        tl.atomic_xchg(arrived_ptr + tile, 0, sem="relaxed", scope="gpu")     # ready for the next launch
+    return acc, s, last
 
 
 @triton.jit
@@ -294,7 +342,7 @@ def lora_skinny_kernel(
 FUSE_S_MAX_ROWS = 64
 
 
-def gemm_config(M, N, K, interpret, drop_epi=False, drop_s=False):
+def gemm_config(M, N, K, interpret, num_sms, drop_epi=False, drop_s=False):
     """Launch config for ``lora_gemm_kernel`` by row count. Each choice is spill-free on
     sm_90 by ``python -m peftops compile-check`` (registers a thread in brackets).
 
@@ -303,19 +351,46 @@ def gemm_config(M, N, K, interpret, drop_epi=False, drop_s=False):
     spills at 128x128 (255 + 184 B), so it runs 64x128 on 8 warps (169). Up to 64 rows
     (decode) the GEMM streams W once: narrow column tiles give a program per 32 columns
     (128 programs at N = 4096) and deep K tiles keep loads in flight; with dropout on the
-    fused S pass K tiles are 64 deep (128 at 128 deep: 8 B spill). Not yet tuned on a lent
-    GPU (bench provider ``peftops[kernel]``).
+    fused S pass K tiles are 64 deep (128 at 128 deep: 8 B spill). Where that leaves SMs
+    without a program (N / 32 < SMs: every N <= 4096 on an H100), K is split (``splits``,
+    ``k_per_split``; see ``decode_splits``) in 64-deep K tiles (the fused-S split variant
+    spills 8 B on sm_80 at 128; more programs keep as many loads in flight). Not yet tuned
+    on a lent GPU (bench provider ``peftops[kernel]``).
     """
     if interpret:  # few, large programs: the interpreter's cost is per program and op
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1,
+                    splits=1, k_per_split=K)
     if M <= 64:
-        return dict(BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=32, BLOCK_K=64 if drop_s else 128,
-                    GROUP_M=1, num_warps=4, num_stages=4)
+        block_m = max(16, triton.next_power_of_2(M))
+        split = decode_splits(triton.cdiv(M, block_m) * triton.cdiv(N, 32), K, 64, num_sms)
+        block_k = 64 if drop_s or split["splits"] > 1 else 128
+        return dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=block_k, GROUP_M=1, num_warps=4, num_stages=4,
+                    **(split if split["splits"] > 1 else dict(splits=1, k_per_split=K)))
+    one = dict(splits=1, k_per_split=K)
     if drop_epi:
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, **one)
     if M <= 256:
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4, **one)
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, **one)
+
+
+# Decode split-K (lora_gemm_kernel's SPLIT_K): on (DECODE_SPLIT_K), each split at least this
+# many K columns deep (4 K-steps of 128: the 4-stage pipeline stays full).
+DECODE_SPLIT_K = True
+DECODE_SPLIT_MIN_K = 512
+
+
+def decode_splits(tiles, K, block_k, num_sms):
+    """K splits for the decode GEMM's ``tiles`` programs: enough to give every SM a program
+    (decode is bound by streaming W; an SM without a program is bandwidth left unused: a
+    1.1B Llama's 256-wide k / v projection has 8 column tiles for 132 SMs), none shallower
+    than DECODE_SPLIT_MIN_K. The partials cost 2 x splits x BLOCK_M x N x 4 bytes through L2
+    (0.5 MB at N = 4096, 16 rows, 2 splits, against 33.5 MB of W)."""
+    splits = 1
+    if DECODE_SPLIT_K and tiles < num_sms:
+        splits = max(1, min(triton.cdiv(num_sms, tiles), K // DECODE_SPLIT_MIN_K))
+    k_per_split = triton.cdiv(triton.cdiv(K, block_k), splits) * block_k
+    return dict(splits=triton.cdiv(K, k_per_split) if K else 1, k_per_split=k_per_split)
 
 
 # The persistent TMA GEMM (lora_gemm_tma_kernel) takes over above this many rows, on sm_90+

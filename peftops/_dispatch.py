@@ -149,13 +149,17 @@ class force_path:
             os.environ[self.key] = self.prev
 
 
-def record_launch(kernel: str) -> None:
+def record_launch(kernel: str, variant: str | None = None) -> None:
+    """Count one launch of ``kernel``; ``variant`` (e.g. ``"split_k"``) also counts
+    ``"variant.<kernel>:<variant>"``, which is not a launch of its own."""
     _bump(f"launch.{kernel}")
+    if variant:
+        _bump(f"variant.{kernel}:{variant}")
 
 
 def dispatch_counts() -> dict[str, int]:
     """A copy of the counters: ``"<op>.triton"``, ``"<op>.reference"``, ``"<op>.fallback"``
-    (plus ``"<op>.fallback:<reason>"``) and ``"launch.<kernel>"``."""
+    (plus ``"<op>.fallback:<reason>"``), ``"launch.<kernel>"`` and ``"variant.<kernel>:<name>"``."""
     return dict(_counts)
 
 

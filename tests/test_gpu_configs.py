@@ -97,6 +97,29 @@ def test_lora_tma_tile_regimes(rows, n_in, n_out, dropout, dtype, monkeypatch):
     assert peftops.dispatch_counts().get("launch.lora_gemm_tma") == 2
 
 
+# --------------------------------------- LoRA: decode split-K at the 64-row tile (33..64 rows)
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_lora_decode_split_k_64_rows(dropout, monkeypatch):
+    """tests/test_paths_lora.py proves split-K at 16-row tiles; here 40 rows take the 64-row
+    tile (splits >= 128 deep as there: y 3 splits, dx 2), so compile-check sees those too."""
+    from test_lora import lora_args, run_parity
+    from peftops._launch import new_seed
+    from peftops.kernels import lora as lora_kernels
+    from peftops.ops import lora as lora_ops
+    from parity import DEVICE
+
+    monkeypatch.setattr(lora_kernels, "DECODE_SPLIT_MIN_K", 128)
+    args = lora_args((40,), 520, 300, 6, gate="token")
+    kw, ref_kw = dict(scaling=0.5), dict(scaling=0.5)
+    if dropout:
+        torch.manual_seed(6)
+        mask = lora_ops.dropout_mask(int(new_seed()), (40, 520), dropout, DEVICE).double()
+        torch.manual_seed(6)
+        kw, ref_kw = dict(kw, dropout_p=dropout), dict(ref_kw, dropout_p=dropout, dropout_mask=mask)
+    run_parity(args, torch.bfloat16, op_kwargs=kw, ref_kwargs=ref_kw)
+    assert peftops.dispatch_counts().get("variant.lora_gemm:split_k") == 2
+
+
 # ----------------------------------------------------- bottleneck adapter: rows x width regimes
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [24, 100, 200], ids=["m<=64", "m<=128", "m>128"])

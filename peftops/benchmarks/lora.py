@@ -130,6 +130,7 @@ def cases(device: torch.device, dtype: torch.dtype, small: bool) -> list[Case]:
         gated = [(2, 13, 67, 37, 7)]
     else:
         fwd = [(T, 4096, 4096, r) for T in (16, 64, 512, 8192) for r in (16, 64)]
+        fwd += [(16, 1024, 4096, 16)]  # decode through a narrow output (Llama-8B's k / v): split-K
         fwd_bwd = [(T, 4096, 4096, r) for T in (16, 512, 8192) for r in (16, 64)]
         dropout = [(8192, 4096, 4096, r) for r in (16, 64)]
         gated = [(4, 2048, 4096, 4096, r) for r in (16, 64)]

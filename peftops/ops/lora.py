@@ -235,27 +235,55 @@ def _gemm(x, w, bias, s, e, rowscale, scale, out_dtype, *, seed=None, p=0.0, fus
     N = w.shape[1]
     R = s.shape[1]
     out = empty((M, N), out_dtype, x.device)
-    cfg = k.gemm_config(M, N, K, cpu_configs(x), drop_epi=fuse_a is None and seed is not None,
+    sms = num_sms(x.device) if x.is_cuda else TARGET_SMS
+    cfg = k.gemm_config(M, N, K, cpu_configs(x), sms, drop_epi=fuse_a is None and seed is not None,
                         drop_s=fuse_a is not None and seed is not None)
-    grid = (-(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"]),)
+    tiles, splits = -(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"]), cfg["splits"]
     epi = "tf32" if x.dtype != torch.float32 else dot_precision(x.dtype)
     fuse = fuse_a is not None
     a = fuse_a if fuse else s
-    k.lora_gemm_kernel[grid](
+    part = part_s = arrived = out                                               # unused without split-K
+    if splits > 1:
+        part, part_s, arrived = _split_scratch(x.device, splits * tiles, cfg["BLOCK_M"], cfg["BLOCK_N"],
+                                               next_pow2(R))
+    k.lora_gemm_kernel[(tiles, splits)](
         x, w, bias if bias is not None else out, s, e, rowscale if rowscale is not None else s, a, out,
-        M, N, K, R,
+        part, part_s, arrived,
+        M, N, K, R, cfg["k_per_split"],
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
         e.stride(0), e.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
         scale, int(seed) if seed is not None else 0, p, 1.0 / (1.0 - p),
         HAS_BIAS=bias is not None, HAS_ROWSCALE=rowscale is not None, FUSE_S=fuse,
-        DROP_S=fuse and seed is not None, DROP_EPI=not fuse and seed is not None,
+        DROP_S=fuse and seed is not None, DROP_EPI=not fuse and seed is not None, SPLIT_K=splits > 1,
         UPCAST=upcast_dots(x.dtype), PRECISION=dot_precision(x.dtype), EPI_PRECISION=epi,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         BLOCK_R=next_pow2(R), GROUP_M=cfg["GROUP_M"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    record_launch("lora_gemm")
+    record_launch("lora_gemm", "split_k" if splits > 1 else None)
     return out
+
+
+_SPLIT_SCRATCH: dict = {}
+
+
+def _split_scratch(device, parts, block_m, block_n, block_r):
+    """(fp32 partials of acc, of S, int32 arrival counters) for the split-K decode GEMM,
+    kept per (device, stream) and grown on demand: no allocation or memset per call (CUDA-
+    graph capturable once warm). The counters start at zero and every launch leaves them
+    at zero (its last split resets each tile's); one stream's launches run in order, so
+    they never share a counter with a launch still running."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    part, part_s, arrived = _SPLIT_SCRATCH.get(key, (None, None, None))
+    if part is None or part.numel() < parts * block_m * block_n:
+        part = torch.empty(parts * block_m * block_n, dtype=torch.float32, device=device)
+    if part_s is None or part_s.numel() < parts * block_m * block_r:
+        part_s = torch.empty(parts * block_m * block_r, dtype=torch.float32, device=device)
+    if arrived is None or arrived.numel() < parts:
+        arrived = torch.zeros(max(parts, 1024), dtype=torch.int32, device=device)
+    _SPLIT_SCRATCH[key] = (part, part_s, arrived)
+    return part, part_s, arrived
 
 
 def _rank_add(out, s, e, rowscale, scale, *, seed=None, p=0.0):
