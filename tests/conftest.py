@@ -48,6 +48,16 @@ pytest_plugins = ["peftops.launch_log"]
 _DEVICE_MARKERS = {"cuda_only": "cuda", "cpu_only": "cpu"}
 
 
+@pytest.fixture
+def seed_per_test(request):
+    """Seeds torch from the test's id (plus ``PEFTOPS_TEST_SEED_OFFSET``): fresh inputs per
+    case, the same on every run, so a failure reproduces; an offset sweep draws new ones.
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("seed_per_test")``."""
+    import zlib
+
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()) + int(os.environ.get("PEFTOPS_TEST_SEED_OFFSET", "0")))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda_only(reason): runs only when the test device is cuda "
                                        "(skipped with the reason on cpu)")

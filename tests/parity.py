@@ -196,6 +196,20 @@ def table_paths(op_module) -> list[str]:
     return list(table.paths) if table is not None else ["default"]
 
 
+def path_fixture(op: str, paths):
+    """A pytest fixture over ``paths`` that runs each test under ``force_path(op, path)`` and
+    gives it the path's name: ``path = path_fixture("lora", PATHS.paths)`` in a test module."""
+    import pytest
+
+    import peftops
+
+    @pytest.fixture(params=list(paths))
+    def fixture(request):
+        with peftops.force_path(op, request.param):
+            yield request.param
+    return fixture
+
+
 def forced_path(op: str, path: str):
     """``peftops.force_path(op, path)``; ``"default"`` forces nothing."""
     import contextlib

@@ -169,6 +169,36 @@ def test_path_providers_only_for_tables_that_exist(monkeypatch):
     assert list(without.providers) == ["peftops"]
 
 
+def test_knob_providers_set_and_restore_their_knobs(monkeypatch):
+    """``peftops[<path>:<knob>]``: the forced path and the module knob hold while it builds
+    and runs, and both are restored afterwards; the LoRA cases carry the kernel path's two
+    unmeasured choices where they apply."""
+    from peftops.benchmarks import lora as lora_bench
+
+    monkeypatch.setitem(sys.modules, "fake_knobs", types.SimpleNamespace(FLAG=True))
+    seen = []
+
+    def build():
+        seen.append((os.environ.get("PEFTOPS_PATH_FAKEOP"), sys.modules["fake_knobs"].FLAG))
+        return lambda: None
+
+    case = core.Case("op", {}, torch.float32, {"peftops": build})
+    core.add_knob_provider(case, "no_flag", ("fakeop", "kernel"), "fake_knobs", {"FLAG": False})
+    assert list(case.providers) == ["peftops", "peftops[kernel:no_flag]"]
+    assert case.compare == ("peftops", "peftops[kernel:no_flag]")
+    for p in case.providers:
+        with case.context(p):
+            case.providers[p]()
+    assert seen == [(None, True), ("kernel", False)]
+    assert sys.modules["fake_knobs"].FLAG is True and "PEFTOPS_PATH_FAKEOP" not in os.environ
+
+    cases = {(c.op, c.shape["T"], c.shape.get("d"), "dropout" in c.shape): c
+             for c in lora_bench.cases(torch.device("cpu"), torch.bfloat16, small=False)}
+    assert "peftops[kernel:no_split_k]" in cases["lora.fwd", 16, 1024, False].providers
+    assert "peftops[kernel:no_fuse_s]" in cases["lora.fwd", 8192, 4096, False].providers
+    assert "peftops[kernel:no_fuse_s]" not in cases["lora.fwd_bwd", 8192, 4096, True].providers  # dropout
+
+
 def test_merge_replaces_same_case_and_provider():
     old = [_rec("peftops", 2.0), _rec("eager", 1.0)]
     new = [_rec("peftops", 1.5), _rec("peftops", 0.1, op="other")]

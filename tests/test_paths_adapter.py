@@ -4,7 +4,6 @@ partial gradients, inference); the eager path beyond the kernel's width; torch.c
 the table, including its grad-mode rows.
 
 tests/test_adapter.py runs the default path of the test device; here every path runs on it."""
-import zlib
 
 import pytest
 import torch
@@ -12,22 +11,15 @@ import torch
 import peftops
 from peftops import reference
 from peftops.ops.adapter import MAX_KERNEL_WIDTH, PATHS
-from parity import BOUNDS, DEVICE, DTYPES, TF32_BOUND, assert_close, check_parity, randn
+from parity import BOUNDS, DEVICE, DTYPES, TF32_BOUND, assert_close, check_parity, path_fixture, randn
 from test_adapter import ALL_GRADS, SHAPES, adapter_args, run_parity
+
+pytestmark = pytest.mark.usefixtures("seed_per_test")
 
 PATH_NAMES = list(PATHS.paths)
 
 
-@pytest.fixture(autouse=True)
-def _seed_per_test(request):
-    """Fresh inputs per case, the same on every run (a failure reproduces)."""
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
-
-@pytest.fixture(params=PATH_NAMES)
-def path(request):
-    with peftops.force_path("adapter", request.param):
-        yield request.param
+path = path_fixture("adapter", PATH_NAMES)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

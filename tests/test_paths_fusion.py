@@ -6,30 +6,21 @@ tests/test_fusion.py runs the default path of the test device; here every path r
 from __future__ import annotations
 
 
-import zlib
-
 import pytest
 import torch
 
 import peftops
 from peftops import reference
 from peftops.ops.fusion import PATHS
-from parity import BOUNDS, DEVICE, DTYPES, TF32_BOUND, assert_close, check_parity, copy_as, randn
+from parity import BOUNDS, DEVICE, DTYPES, TF32_BOUND, assert_close, check_parity, copy_as, path_fixture, randn
 from test_fusion import CASES, _args, _grads
+
+pytestmark = pytest.mark.usefixtures("seed_per_test")
 
 PATH_NAMES = list(PATHS.paths)
 
 
-@pytest.fixture(autouse=True)
-def _seed_per_test(request):
-    """Fresh inputs per case, the same on every run (a failure reproduces)."""
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
-
-@pytest.fixture(params=PATH_NAMES)
-def path(request):
-    with peftops.force_path("adapter_fusion", request.param):
-        yield request.param
+path = path_fixture("adapter_fusion", PATH_NAMES)
 
 
 def _run(args, dtype, tau=1.0, grads=None):

@@ -3,7 +3,6 @@ gradient vs the float64 reference; the cublas path's fold / scale variants, its 
 (nearly) zero l, fp32 l over a half base, torch.compile; the table.
 
 tests/test_ia3.py runs the default path of the test device; here every path runs on it."""
-import zlib
 
 import pytest
 import torch
@@ -11,23 +10,18 @@ import torch
 import peftops
 from peftops import reference
 from peftops.ops.ia3 import PATHS, _fold
-from parity import BOUNDS, DEVICE, DTYPES, TF32_BOUND, assert_close, randn
+from parity import BOUNDS, DEVICE, DTYPES, TF32_BOUND, assert_close, path_fixture, randn
 from test_ia3 import SHAPES, ia3_args, run_parity
+
+pytestmark = pytest.mark.usefixtures("seed_per_test")
 
 PATH_NAMES = list(PATHS.paths)
 
 
-@pytest.fixture(autouse=True)
-def _seed_per_test(request):
-    """Fresh inputs per case, the same on every run (a failure reproduces)."""
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 FF = pytest.mark.parametrize("feedforward", [False, True], ids=["out_scale", "in_scale"])
 
 
-@pytest.fixture(params=PATH_NAMES)
-def path(request):
-    with peftops.force_path("ia3", request.param):
-        yield request.param
+path = path_fixture("ia3", PATH_NAMES)
 
 
 @FF

@@ -11,16 +11,13 @@ import peftops
 from peftops import reference
 from peftops.ops.lora import PATHS, dropout_mask
 from peftops._launch import new_seed
-from parity import BOUNDS, DEVICE, DTYPES, assert_close, copy_as, randn
+from parity import BOUNDS, DEVICE, DTYPES, assert_close, copy_as, path_fixture, randn
 from test_lora import SHAPES, lora_args, run_parity
 
 PATH_NAMES = list(PATHS.paths)
 
 
-@pytest.fixture(params=PATH_NAMES)
-def path(request):
-    with peftops.force_path("lora", request.param):
-        yield request.param
+path = path_fixture("lora", PATH_NAMES)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -127,10 +124,7 @@ def test_masters_live_on_the_test_device():
 
 
 # ----------------------------------------------- gated LoRA (UniPELT): the same two paths
-@pytest.fixture(params=PATH_NAMES)
-def gated_path(request):
-    with peftops.force_path("gated_lora", request.param):
-        yield request.param
+gated_path = path_fixture("gated_lora", PATH_NAMES)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

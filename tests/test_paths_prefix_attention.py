@@ -9,16 +9,15 @@ import torch
 import peftops
 from peftops import reference
 from peftops.ops.prefix_attention import PATHS
-from parity import BOUNDS, DEVICE, DTYPES, TF32_BOUND, assert_close, randn
-from test_prefix_attention import CASES, GRADS, _seed_per_test, pa_args, run_parity  # noqa: F401 (autouse seed)
+from parity import BOUNDS, DEVICE, DTYPES, TF32_BOUND, assert_close, path_fixture, randn
+from test_prefix_attention import CASES, GRADS, pa_args, run_parity
+
+pytestmark = pytest.mark.usefixtures("seed_per_test")
 
 PATH_NAMES = list(PATHS.paths)
 
 
-@pytest.fixture(params=PATH_NAMES)
-def path(request):
-    with peftops.force_path("prefix_attention", request.param):
-        yield request.param
+path = path_fixture("prefix_attention", PATH_NAMES)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -2,7 +2,6 @@
 the gated adapter / prefix modules, and a whole attention + FFN block with the three gated
 submodules vs a float64 plain-PyTorch composition written out here."""
 import os
-import zlib
 
 import pytest
 import torch
@@ -18,10 +17,7 @@ from peftops.ops.unipelt import gated_lora_linear
 from parity import (BOUNDS, DEVICE, DTYPES, assert_close, check_parity, forced_path, large_case, randn, rel_err,
                     table_paths)
 
-
-@pytest.fixture(autouse=True)
-def _seed_per_test(request):
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()) + int(os.environ.get("PEFTOPS_TEST_SEED_OFFSET", "0")))
+pytestmark = pytest.mark.usefixtures("seed_per_test")
 
 
 # ------------------------------------------------------------------ gated LoRA op

@@ -46,15 +46,45 @@ class Case:
     rep_ms: float = 100.0  # do_bench's timing window
     iters: int | None = None  # long calls (a training step): this many timed calls instead of do_bench
     forced: dict = dataclasses.field(default_factory=dict)  # provider -> (PathTable op, path)
+    knobs: dict = dataclasses.field(default_factory=dict)  # provider -> (module, {attribute: value})
 
     def context(self, provider: str):
-        """What a provider runs under: its forced path, if any (set around build and timing,
-        so the timed calls pay nothing for it)."""
+        """What a provider runs under: its forced path and its knobs (module attributes such
+        as ``peftops.kernels.lora.TMA_FUSE_S`` set for it, then restored), if any; set around
+        build and timing, so the timed calls pay nothing for them."""
+        stack = contextlib.ExitStack()
         if provider in self.forced:
             from .._dispatch import force_path
 
-            return force_path(*self.forced[provider])
-        return contextlib.nullcontext()
+            stack.enter_context(force_path(*self.forced[provider]))
+        if provider in self.knobs:
+            stack.enter_context(_set_attrs(*self.knobs[provider]))
+        return stack
+
+
+@contextlib.contextmanager
+def _set_attrs(module: str, values: dict):
+    mod = importlib.import_module(module)
+    before = {k: getattr(mod, k) for k in values}  # AttributeError for a knob that does not exist
+    try:
+        for k, v in values.items():
+            setattr(mod, k, v)
+        yield
+    finally:
+        for k, v in before.items():
+            setattr(mod, k, v)
+
+
+def add_knob_provider(case: Case, name: str, path: tuple[str, str], module: str, values: dict) -> None:
+    """``peftops[<path>:<name>]``: peftops on a forced path with module knobs changed (a
+    variant a GPU run decides, e.g. S fused into the TMA GEMM or not); compared like the
+    path providers."""
+    provider = f"peftops[{path[1]}:{name}]"
+    case.providers[provider] = case.providers["peftops"]
+    case.forced[provider] = path
+    case.knobs[provider] = (module, values)
+    if "peftops" in case.compare:
+        case.compare = (*case.compare, provider)
 
 
 def is_late(provider: str) -> bool:

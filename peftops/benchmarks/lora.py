@@ -1,7 +1,10 @@
 """LoRA bench cases: forward and forward+backward, peftops vs eager vs ``torch.compile`` of
 the eager formula vs peft vs the frozen base layer alone (cuBLAS: the physical floor), and
 peftops with each of its paths forced (``peftops[kernel]``, ``peftops[cublas]``: the
-``PATHS`` table of ``peftops.ops.lora``).
+``PATHS`` table of ``peftops.ops.lora``), and the kernel path with one of its unmeasured
+choices switched off (``peftops[kernel:no_fuse_s]`` at T >= 257 without dropout: S by its
+own pass instead of the TMA GEMM's main loop; ``peftops[kernel:no_split_k]`` at T <= 64:
+one program per column tile), so one GPU run decides those knobs too.
 
 Shapes (d = k = 4096, r in {16, 64}, bf16): forward at T in {16, 64, 512, 8192} tokens,
 forward + backward at T in {16, 512, 8192}; at T = 8192 also forward + backward with LoRA
@@ -17,7 +20,7 @@ import torch.nn.functional as F
 
 from .. import reference
 from ..ops.lora import lora_linear
-from .core import Case, compiled, generator, randn, warmed
+from .core import Case, add_knob_provider, compiled, generator, randn, warmed
 
 
 def _inputs(lead, d, k, r, dtype, device, grad):
@@ -88,10 +91,19 @@ def _case(op, T, d, k, r, dtype, device, dropout=0.0):
     shape = dict(T=T, d=d, k=k, r=r)
     if dropout:
         shape["dropout"] = dropout
-    return Case(op=op, shape=shape, dtype=dtype,
+    case = Case(op=op, shape=shape, dtype=dtype,
                 providers={p: make(p) for p in ("cublas_base", "eager", "peft", "peftops", "compile")},
                 flops=flops, bytes=nbytes, parity_with="peft",
                 compare=() if dropout else ("peftops", "eager"), paths_from="peftops.ops.lora")
+    # The kernel path's two unmeasured choices, each timed against its alternative in the same run:
+    # S fused into the TMA GEMM's main loop (many rows, no dropout) vs its own pass; decode split-K
+    # vs one program per column tile.
+    knobs = "peftops.kernels.lora"
+    if not dropout and T >= 257:
+        add_knob_provider(case, "no_fuse_s", ("lora", "kernel"), knobs, {"TMA_FUSE_S": False})
+    if T <= 64:
+        add_knob_provider(case, "no_split_k", ("lora", "kernel"), knobs, {"DECODE_SPLIT_K": False})
+    return case
 
 
 def _gated_case(B, T, d, k, r, dtype, device, gate_mode="sequence"):
@@ -130,7 +142,7 @@ def cases(device: torch.device, dtype: torch.dtype, small: bool) -> list[Case]:
         gated = [(2, 13, 67, 37, 7)]
     else:
         fwd = [(T, 4096, 4096, r) for T in (16, 64, 512, 8192) for r in (16, 64)]
-        fwd += [(16, 1024, 4096, 16)]  # decode through a narrow output (Llama-8B's k / v): split-K
+        fwd += [(16, 1024, 4096, 16)]  # decode through a narrow output (Llama-8B's k / v): split-K x 5
         fwd_bwd = [(T, 4096, 4096, r) for T in (16, 512, 8192) for r in (16, 64)]
         dropout = [(8192, 4096, 4096, r) for r in (16, 64)]
         gated = [(4, 2048, 4096, 4096, r) for r in (16, 64)]
