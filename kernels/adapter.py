@@ -267,18 +267,30 @@ def adapter_bwd_weights_kernel(
         tl.store(dwd_ptr + out_rows[:, None] * MW + rw[None, :], acc_d, mask=wmask)
 
 
-def rows_config(T, D, MW, interpret):
+# The forward's 64-row (wgmma-sized) tiles from this many rows of a bottleneck m <= 64 (see
+# rows_config); the bench times 32-row tiles beside them (peftops[kernel:rows32]).
+FWD_TALL_ROWS = 4096
+
+
+def rows_config(T, D, MW, interpret, forward=False, half=True):
     """Launch config for the row kernels (forward and backward rows).
 
     Trade-off (GPU): each program re-reads both weights (4 d m bytes in bf16, from L2), so
     L2 traffic / HBM traffic ~ 2 m / (3 BLOCK_M), which wants tall row tiles; but T / BLOCK_M
     programs must keep enough bytes in flight to saturate HBM, which wants many of them. And
-    the [BLOCK_M, BLOCK_W] fp32 accumulator must stay in registers. Heuristics, not yet tuned
-    on a lent GPU.
+    the [BLOCK_M, BLOCK_W] fp32 accumulator must stay in registers. At T = 8192, d = 4096,
+    m = 64, 32-row tiles read 268 MB of weights from L2 beside the 201 MB of HBM traffic (h,
+    residual, out): at L2 speed about the 0.100 ms measured there (67 % of HBM). From
+    FWD_TALL_ROWS rows a bf16 / fp16 forward takes 64-row tiles on 8 warps (wgmma on sm_90,
+    100-120 registers, 0 spills; 128 programs at T = 8192): half the L2 traffic (4 warps:
+    186-202 registers; fp32 spills 0.1-2 KB at 64 rows, so it keeps 32). Heuristics, not yet
+    tuned on a lent GPU.
     """
     if interpret:  # few, large programs: the interpreter's cost is per program and op
         return dict(BLOCK_M=32, BLOCK_D=64, num_warps=4, num_stages=1)
     block_w = max(16, triton.next_power_of_2(MW))
+    if forward and half and block_w <= 64 and T >= FWD_TALL_ROWS:
+        return dict(BLOCK_M=64, BLOCK_D=128, num_warps=8, num_stages=3)
     if T <= 16:  # at m > 128, 128-wide d tiles in fp32 need 280 KiB of shared memory
         return dict(BLOCK_M=16, BLOCK_D=128 if block_w <= 128 else 64, num_warps=4, num_stages=3)
     if block_w <= 64:

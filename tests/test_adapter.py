@@ -413,7 +413,7 @@ def test_gpu_launch_configs(monkeypatch, kernel_path, m):
     from peftops.kernels import adapter as kern
 
     rows_cfg, weights_cfg = kern.rows_config, kern.weights_config
-    monkeypatch.setattr(kern, "rows_config", lambda T, D, MW, interpret: rows_cfg(T, D, MW, False))
+    monkeypatch.setattr(kern, "rows_config", lambda T, D, MW, interpret, **kw: rows_cfg(T, D, MW, False, **kw))
     monkeypatch.setattr(kern, "weights_config", lambda T, D, MW, want, interpret: weights_cfg(T, D, MW, 8, False))
     assert weights_cfg(70, 40, m, 8, False)["splits"] >= 2
     run_parity(adapter_args((70,), 40, m, gate="token"), torch.float32, activation="gelu")

@@ -130,6 +130,32 @@ def test_adapter_row_and_width_regimes(rows, m, dtype):
     run_parity(adapter_args((rows,), 48, m, gate="token"), dtype, activation="gelu_new")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [24, 64])
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+def test_adapter_fwd_tall_rows(train, m, dtype, monkeypatch):
+    """The forward's 64-row tiles (kernels/adapter.py FWD_TALL_ROWS: 4096 rows on a GPU;
+    bf16 / fp16, fp32 keeps 32-row ones), reached here from 100 rows: 150 rows = two full
+    tiles and a partial one; z is stored for the backward in training."""
+    from test_adapter import adapter_args, run_parity
+    from peftops.kernels import adapter as adapter_kernels
+
+    monkeypatch.setattr(adapter_kernels, "FWD_TALL_ROWS", 100)
+    args = adapter_args((150,), 48, m, gate="token")
+    if train:
+        run_parity(args, dtype, activation="gelu_new")
+    else:
+        from parity import assert_close, copy_as, BOUNDS
+        from peftops import reference
+
+        with torch.no_grad():
+            out = peftops.bottleneck_adapter(**{k: copy_as(v, dtype) for k, v in args.items()}, activation="gelu_new")
+        want = reference.bottleneck_adapter(**{k: copy_as(v, dtype).double() for k, v in args.items()},
+                                            activation="gelu_new")
+        assert_close("output", out, want, BOUNDS[dtype])
+    assert peftops.dispatch_counts().get("launch.adapter_fwd") == 1
+
+
 # --------------------------------------------- AdapterFusion: one pass and chunked over d
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("n,d", [(3, 40), (16, 40), (3, 1100), (3, 2100)],

@@ -30,7 +30,7 @@ import torch
 
 from .. import reference
 from ..ops.adapter import bottleneck_adapter
-from .core import Case, compiled, generator, randn, warmed
+from .core import Case, add_knob_provider, compiled, generator, randn, warmed
 
 GRAD_NAMES = ("h", "down_weight", "down_bias", "up_weight", "up_bias", "residual")
 
@@ -95,7 +95,7 @@ def cases(device: torch.device, dtype: torch.dtype, small: bool) -> list[Case]:
             shape = {"T": T, "d": d, "m": m}
             fwd_bytes = elt * (3 * T * d + 2 * m * d + m + d)
             formula = compiled(reference.bottleneck_adapter)
-            out.append(Case(
+            fwd = Case(
                 op="bottleneck_adapter_fwd", shape=shape, dtype=dtype,
                 providers={"peftops": _forward(bottleneck_adapter, T, d, m, device, dtype),
                            "eager": _forward(reference.bottleneck_adapter, T, d, m, device, dtype),
@@ -104,7 +104,11 @@ def cases(device: torch.device, dtype: torch.dtype, small: bool) -> list[Case]:
                 flops=4.0 * T * d * m,
                 bytes=fwd_bytes,
                 paths_from="peftops.ops.adapter",
-            ))
+            )
+            if not small and m <= 64:  # the forward's 64-row tiles vs the 32-row ones they replace
+                add_knob_provider(fwd, "rows32", ("adapter", "kernel"), "peftops.kernels.adapter",
+                                  {"FWD_TALL_ROWS": 2**62})
+            out.append(fwd)
             out.append(Case(
                 op="bottleneck_adapter_fwd_bwd", shape=shape, dtype=dtype,
                 providers={"peftops": _forward_backward(bottleneck_adapter, T, d, m, device, dtype),

@@ -341,7 +341,7 @@ def adapter_fwd(
     if T == 0:
         return out, z
     k = kernels("adapter")
-    cfg = k.rows_config(T, D, MW, cpu_configs(h))
+    cfg = k.rows_config(T, D, MW, cpu_configs(h), forward=True, half=h.dtype != torch.float32)
     # out = residual (+ residual2) + G (act(h Wd^T + bd) Wu^T + bu),  G = scaling * gate;  z = h Wd^T + bd
     r2 = residual2 if residual2 is not None else residual
     k.adapter_fwd_kernel[(-(-T // cfg["BLOCK_M"]),)](
