@@ -2,9 +2,10 @@
 loop, written once and extended with epilogues by the ops that sit on a frozen GEMM (the
 LoRA forward and dx, gated LoRA; IA3 can take the same main loop).
 
-* ``tile_of``: a persistent program walks tiles ``pid, pid + P, pid + 2P, ...`` (P = the
-  number of programs = SMs); tile ids are mapped in grouped order so GROUP_M row blocks
-  share each column block of W while it sits in L2.
+* ``tile_of`` / ``block_of``: a persistent program walks tiles ``pid, pid + P, pid + 2P, ...``
+  (P = the number of programs = SMs); tile ids are mapped in grouped order so GROUP_M row
+  blocks share each column block of W while it sits in L2 (the non-persistent GEMMs of
+  kernels/lora.py and kernels/ia3.py map their program ids the same way).
 * ``tma_mainloop``: ``acc = X[rows] @ W[:, cols]`` with X and W read by TMA tensor
   descriptors (no address arithmetic or masks in the loop; edges are zero-filled by the
   copy engine), software-pipelined over K by ``num_stages``; on sm_90 the dot lowers to
@@ -21,15 +22,21 @@ import triton.language as tl
 
 
 @triton.jit
-def tile_of(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(row offset, column offset) of tile number ``tile`` in grouped order."""
+def block_of(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column block) of tile number ``tile`` in grouped order: GROUP_M row blocks
+    share each column block of W while it sits in L2 (every GEMM here, persistent or not)."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     in_group = GROUP_M * num_n
     first_m = (tile // in_group) * GROUP_M
     group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (tile % in_group) % group_size
-    pid_n = (tile % in_group) // group_size
+    return first_m + (tile % in_group) % group_size, (tile % in_group) // group_size
+
+
+@triton.jit
+def tile_of(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row offset, column offset) of tile number ``tile`` in grouped order."""
+    pid_m, pid_n = block_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     return pid_m * BLOCK_M, pid_n * BLOCK_N
 
 

@@ -36,6 +36,8 @@ blocks: its programs load l first and run zero K iterations unless a column of t
 import triton
 import triton.language as tl
 
+from .gemm import block_of
+
 
 @triton.jit
 def ia3_gemm_kernel(
@@ -48,14 +50,8 @@ def ia3_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row blocks share each column block of B while in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
+    pid_m, pid_n = block_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_n)) // group_size
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -36,7 +36,7 @@ Dropout: keep(m, n) = rand(seed, m * n_cols + n) >= p, scaled by 1 / (1 - p); th
 import triton
 import triton.language as tl
 
-from .gemm import tile_of, tma_mainloop
+from .gemm import block_of, tile_of, tma_mainloop
 
 
 @triton.jit
@@ -112,13 +112,7 @@ def lora_gemm_kernel(
     # partials in split order, so the result does not depend on which one is last, runs the
     # epilogue and resets the counter for the next launch. One launch, no atomics on data.
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_n)) // group_size
+    pid_m, pid_n = block_of(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
