@@ -32,6 +32,8 @@ Three kernels:
 import triton
 import triton.language as tl
 
+from . import cdiv, next_pow2
+
 # Activation ids (constexpr): the host maps names to these.
 RELU, GELU, GELU_TANH, SILU = 0, 1, 2, 3
 
@@ -288,7 +290,7 @@ def rows_config(T, D, MW, interpret, forward=False, half=True):
     """
     if interpret:  # few, large programs: the interpreter's cost is per program and op
         return dict(BLOCK_M=32, BLOCK_D=64, num_warps=4, num_stages=1)
-    block_w = max(16, triton.next_power_of_2(MW))
+    block_w = max(16, next_pow2(MW))
     if forward and half and block_w <= 64 and T >= FWD_TALL_ROWS:
         return dict(BLOCK_M=64, BLOCK_D=128, num_warps=8, num_stages=3)
     if T <= 16:  # at m > 128, 128-wide d tiles in fp32 need 280 KiB of shared memory
@@ -309,10 +311,10 @@ def weights_config(T, D, MW, want_programs, interpret):
         # 64-row tiles spilled at 32 < m <= 128 (16 B, sm_80) and m > 128 (40 B, sm_90);
         # 32-row tiles spilled at m <= 32 (8 B, sm_80)
         block_m, block_d = (64, 64) if MW <= 32 else (32, 64) if MW <= 128 else (32, 32)
-    d_blocks = triton.cdiv(D, block_d)
-    m_blocks = triton.cdiv(T, block_m)
+    d_blocks = cdiv(D, block_d)
+    m_blocks = cdiv(T, block_m)
     splits = 1 if interpret else max(1, min(m_blocks, want_programs // d_blocks))
-    rows_per_split = triton.cdiv(m_blocks, splits) * block_m
-    splits = triton.cdiv(T, rows_per_split)
+    rows_per_split = cdiv(m_blocks, splits) * block_m
+    splits = cdiv(T, rows_per_split)
     return dict(BLOCK_M=block_m, BLOCK_D=block_d, splits=splits, rows_per_split=rows_per_split,
                 num_warps=4 if MW <= 64 else 8, num_stages=2)

@@ -36,6 +36,7 @@ Dropout: keep(m, n) = rand(seed, m * n_cols + n) >= p, scaled by 1 / (1 - p); th
 import triton
 import triton.language as tl
 
+from . import cdiv, next_pow2
 from .gemm import block_of, tile_of, tma_mainloop
 
 
@@ -355,8 +356,8 @@ def gemm_config(M, N, K, interpret, num_sms, drop_epi=False, drop_s=False):
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1,
                     splits=1, k_per_split=K)
     if M <= 64:
-        block_m = max(16, triton.next_power_of_2(M))
-        split = decode_splits(triton.cdiv(M, block_m) * triton.cdiv(N, 32), K, 64, num_sms)
+        block_m = max(16, next_pow2(M))
+        split = decode_splits(cdiv(M, block_m) * cdiv(N, 32), K, 64, num_sms)
         block_k = 64 if drop_s or split["splits"] > 1 else 128
         return dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=block_k, GROUP_M=1, num_warps=4, num_stages=4,
                     **(split if split["splits"] > 1 else dict(splits=1, k_per_split=K)))
@@ -382,9 +383,9 @@ def decode_splits(tiles, K, block_k, num_sms):
     (0.5 MB at N = 4096, 16 rows, 2 splits, against 33.5 MB of W)."""
     splits = 1
     if DECODE_SPLIT_K and tiles < num_sms:
-        splits = max(1, min(triton.cdiv(num_sms, tiles), K // DECODE_SPLIT_MIN_K))
-    k_per_split = triton.cdiv(triton.cdiv(K, block_k), splits) * block_k
-    return dict(splits=triton.cdiv(K, k_per_split) if K else 1, k_per_split=k_per_split)
+        splits = max(1, min(cdiv(num_sms, tiles), K // DECODE_SPLIT_MIN_K))
+    k_per_split = cdiv(cdiv(K, block_k), splits) * block_k
+    return dict(splits=cdiv(K, k_per_split) if K else 1, k_per_split=k_per_split)
 
 
 # The persistent TMA GEMM (lora_gemm_tma_kernel) takes over above this many rows, on sm_90+
@@ -409,7 +410,7 @@ def tma_config(M, N, K, interpret, num_sms, drop_epi=False):
     if interpret:
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)
     def tiles(bm, bn):
-        return triton.cdiv(M, bm) * triton.cdiv(N, bn)
+        return cdiv(M, bm) * cdiv(N, bn)
     if not drop_epi and tiles(128, 256) >= num_sms:
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     if tiles(128, 128) >= num_sms:
@@ -438,11 +439,11 @@ def skinny_config(M, N, want_programs, interpret, half=True):
     else:  # P2's fp32 partials are one [N, r] per row block: 256-row blocks write 4x fewer
         block_m, block_n, warps = 256, 64, 8  # (T = 8192, d = 4096, r = 16: 8.4 MB, not 33.5);
         # bf16 / fp16 only: fp32 tiles this tall spill 0.6-1.5 KB with dropout
-    m_blocks = triton.cdiv(M, block_m)
-    n_blocks = triton.cdiv(N, block_n)
+    m_blocks = cdiv(M, block_m)
+    n_blocks = cdiv(N, block_n)
     splits = 1 if interpret else max(1, min(n_blocks, want_programs // max(m_blocks, 1)))
-    n_per_split = triton.cdiv(n_blocks, splits) * block_n
-    splits = triton.cdiv(N, n_per_split)
+    n_per_split = cdiv(n_blocks, splits) * block_n
+    splits = cdiv(N, n_per_split)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, splits=splits, n_per_split=n_per_split,
                 num_warps=warps, num_stages=3)
 
