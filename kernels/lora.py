@@ -96,15 +96,16 @@ def lora_gemm_kernel(
     stride_xm, stride_xk, stride_wk, stride_wn, stride_sm, stride_sr,
     stride_er, stride_en, stride_ar, stride_ak, stride_om, stride_on,
     scale, seed, p, inv_keep,
-    HAS_BIAS: tl.constexpr, HAS_ROWSCALE: tl.constexpr, FUSE_S: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ROWSCALE: tl.constexpr, FUSE_S: tl.constexpr, STORE_S: tl.constexpr,
     DROP_S: tl.constexpr, DROP_EPI: tl.constexpr, SPLIT_K: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, EPI_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # FUSE_S (few rows, e.g. decode): S = drop(x) A^T is computed here from the x tiles the
-    # main loop loads anyway (A^T read from L2 by every column block; the pid_n == 0 blocks
-    # store S for backward): one launch instead of three. Otherwise S is read from s_ptr.
+    # main loop loads anyway (A^T read from L2 by every column block; with STORE_S the
+    # pid_n == 0 blocks store S for backward; inference stores nothing): one launch instead
+    # of three. Otherwise S is read from s_ptr.
     # DROP_S: dropout on the x tiles feeding S. DROP_EPI: dropout on the rank-r term (dx).
     # Grouped tile order: GROUP_M row blocks share each column block of W while in L2.
     # SPLIT_K (decode with fewer column tiles than SMs): program (tile, j) runs the main loop
@@ -153,12 +154,15 @@ def lora_gemm_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    store_s = pid_n == 0
+    store_s = False
+    if STORE_S:
+        store_s = pid_n == 0
     rows_out = M                                                                # rows this program writes
     if SPLIT_K:
         acc, s, last = _sum_splits(acc, s, pid, part_ptr, part_s_ptr, arrived_ptr, FUSE_S,
                                    BLOCK_M, BLOCK_N, BLOCK_R)
-        store_s = pid_n + (1 - last) == 0
+        if STORE_S:
+            store_s = pid_n + (1 - last) == 0
         rows_out = M * last                                                     # (a mask the interpreter takes too)
     acc = _rank_r_epilogue(acc, s, rm, rn, M, N, R, store_s, s_ptr, stride_sm, stride_sr, e_ptr, stride_er,
                            stride_en, rowscale_ptr, bias_ptr, scale, seed, p, inv_keep, x_ptr.dtype.element_ty,
@@ -204,8 +208,8 @@ def lora_gemm_tma_kernel(
     M, N, K, R,
     stride_sm, stride_sr, stride_er, stride_en,
     scale, seed, p, inv_keep,
-    HAS_BIAS: tl.constexpr, HAS_ROWSCALE: tl.constexpr, FUSE_S: tl.constexpr, W_NK: tl.constexpr,
-    DROP_EPI: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, EPI_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ROWSCALE: tl.constexpr, FUSE_S: tl.constexpr, STORE_S: tl.constexpr,
+    W_NK: tl.constexpr, DROP_EPI: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, EPI_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -214,7 +218,7 @@ def lora_gemm_tma_kernel(
     # in by TMA, the output leaves by TMA. FUSE_S at any row count (no dropout): S = x A^T
     # is accumulated from the x tiles of the main loop, so the separate pass over x goes
     # (every column block redoes it: BLOCK_R / BLOCK_N more MMA work, 6 % at 256 columns);
-    # the blocks at column 0 store S for backward.
+    # with STORE_S the blocks at column 0 store S for backward.
     op_ty = x_desc.dtype
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
@@ -223,7 +227,10 @@ def lora_gemm_tma_kernel(
                               BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
         rm = off_m + tl.arange(0, BLOCK_M)
         rn = off_n + tl.arange(0, BLOCK_N)
-        acc = _rank_r_epilogue(acc, s, rm, rn, M, N, R, off_n == 0, s_ptr, stride_sm, stride_sr, e_ptr, stride_er,
+        store_s = False
+        if STORE_S:
+            store_s = off_n == 0
+        acc = _rank_r_epilogue(acc, s, rm, rn, M, N, R, store_s, s_ptr, stride_sm, stride_sr, e_ptr, stride_er,
                                stride_en, rowscale_ptr, bias_ptr, scale, seed, p, inv_keep, op_ty,
                                FUSE_S, HAS_ROWSCALE, HAS_BIAS, DROP_EPI, UPCAST, PRECISION, EPI_PRECISION, BLOCK_R)
         out_desc.store([off_m, off_n], acc.to(out_desc.dtype))

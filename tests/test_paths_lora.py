@@ -152,6 +152,7 @@ def test_custom_ops_opcheck_each_path(path_name):
     g = m["gate"].reshape(-1).contiguous()
     fwd = (m["x"], m["weight"], m["bias"], m["lora_A"], m["lora_B"], g, 0.5, 0.0, None, path_name)
     torch.library.opcheck(lo.lora_fwd, fwd)
+    torch.library.opcheck(lo.lora_fwd, (*fwd, False))                                 # inference: no S kept
     y, s = lo.lora_fwd(*fwd)
     torch.library.opcheck(lo.lora_bwd, (torch.randn_like(y), m["x"], m["weight"], m["lora_A"], m["lora_B"], s, g,
                                         0.5, 0.0, None, True, path_name))
@@ -251,3 +252,22 @@ def test_decode_splits_config():
     for tiles, K in [(1, 1600), (35, 1100), (3, 5000), (20, 777)]:
         cfg = decode_splits(tiles, K, 64, 132)
         assert cfg["k_per_split"] % 64 == 0 and (cfg["splits"] - 1) * cfg["k_per_split"] < K, cfg
+
+
+@pytest.mark.parametrize("rows,dtype", [(14, torch.float32), (14, torch.bfloat16), (300, torch.bfloat16),
+                                        (300, torch.float16)], ids=str)
+def test_inference_keeps_s_on_chip(rows, dtype):
+    """A no-grad call makes S inside the GEMM (decode; the TMA GEMM of a half base without
+    dropout) and neither stores nor allocates it: one launch, the output alone."""
+    from peftops.ops import lora as lo
+
+    args = {k: copy_as(v, dtype) for k, v in lora_args((rows,), 48, 40, 6, gate="token").items()}
+    with peftops.force_path("lora", "kernel"), torch.no_grad():
+        y = peftops.lora_linear(**args, scaling=0.5)
+        _, s = lo._lora_fwd(lo.rows(args["x"]), args["weight"], args["bias"], args["lora_A"], args["lora_B"],
+                            args["gate"].reshape(-1).float(), 0.5, 0.0, None, "kernel", False)
+    want = reference.lora_linear(**{k: v.double() for k, v in args.items()}, scaling=0.5)
+    assert_close("y", y, want, BOUNDS[dtype])
+    assert s.shape == (0, 6)
+    c = peftops.dispatch_counts()
+    assert "launch.lora_skinny" not in c and c.get("launch.lora_gemm", 0) + c.get("launch.lora_gemm_tma", 0) == 2, c

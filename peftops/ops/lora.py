@@ -63,16 +63,18 @@ def lora_linear(
                       r=lora_A.shape[0])
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B, gate)):
         return _LoraLinearFn.apply(x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed, path)
-    return _forward(x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed, path)[0]  # no autograd node
+    # no autograd node, and S (needed only by a backward) is not kept
+    return _forward(x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed, path, need_s=False)[0]
 
 
-def _forward(x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed, path):
+def _forward(x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed, path, need_s=True):
     """(y [..., out], x as rows, S, per-row gate) -- the forward shared by the autograd
     Function and the no-grad call (inference, decode: no graph node, less host time)."""
     lead = x.shape[:-1]
     x2 = rows(x)
     g = None if gate is None else gate.detach().expand(*lead, 1).reshape(-1).float().contiguous()
-    y2, s = pick(lora_fwd, _lora_fwd, x2)(x2, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed, path)
+    y2, s = pick(lora_fwd, _lora_fwd, x2)(x2, weight, bias, lora_A, lora_B, g, scaling, dropout_p, seed, path,
+                                          need_s)
     return y2.view(*lead, weight.shape[0]), x2, s, g
 
 
@@ -193,8 +195,9 @@ def _gemm_tma(x, w, bias, s, e, rowscale, scale, out_dtype, *, seed=None, p=0.0,
     k = kernels("lora")
     M, K = x.shape
     N = w.shape[1]
-    R = s.shape[1]
+    R = s.shape[1] if s is not None else fuse_a.shape[0]
     out = empty((M, N), out_dtype, x.device)
+    store_s, s = s is not None, (s if s is not None else out)                   # out: a pointer never written
     sms = num_sms(x.device) if x.is_cuda else TARGET_SMS
     cfg = k.tma_config(M, N, K, cpu_configs(x), sms, drop_epi=fuse_a is None and seed is not None)
     bm, bn, bk, br = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], next_pow2(R)
@@ -210,8 +213,8 @@ def _gemm_tma(x, w, bias, s, e, rowscale, scale, out_dtype, *, seed=None, p=0.0,
         rowscale if rowscale is not None else s,
         M, N, K, R, s.stride(0), s.stride(1), e.stride(0), e.stride(1),
         scale, int(seed) if seed is not None else 0, p, 1.0 / (1.0 - p),
-        HAS_BIAS=bias is not None, HAS_ROWSCALE=rowscale is not None, FUSE_S=fuse_a is not None, W_NK=w_nk,
-        DROP_EPI=fuse_a is None and seed is not None,
+        HAS_BIAS=bias is not None, HAS_ROWSCALE=rowscale is not None, FUSE_S=fuse_a is not None,
+        STORE_S=fuse_a is not None and store_s, W_NK=w_nk, DROP_EPI=fuse_a is None and seed is not None,
         UPCAST=upcast_dots(x.dtype), PRECISION=dot_precision(x.dtype), EPI_PRECISION=epi,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, GROUP_M=cfg["GROUP_M"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -225,16 +228,19 @@ def _gemm(x, w, bias, s, e, rowscale, scale, out_dtype, *, seed=None, p=0.0, fus
     s ``[M, r]``, e ``[r, N]`` (any strides).
 
     ``fuse_a`` (``[r, K]``): compute ``s = drop(x) fuse_a^T`` in the GEMM's main loop and write
-    it into ``s`` (the dropout, if any, then acts on that x, not on the rank-r term).
+    it into ``s`` (the dropout, if any, then acts on that x, not on the rank-r term); ``s``
+    None: nothing is written (inference: no backward needs S).
     Many rows of a TMA-readable half-precision base go to the persistent TMA kernel."""
+    assert s is not None or fuse_a is not None, "S is an input unless the GEMM makes it"
     if _use_tma(x, w, fuse_a):
         assert fuse_a is None or seed is None, "the TMA GEMM fuses S only without dropout"
         return _gemm_tma(x, w, bias, s, e, rowscale, scale, out_dtype, seed=seed, p=p, fuse_a=fuse_a)
     k = kernels("lora")
     M, K = x.shape
     N = w.shape[1]
-    R = s.shape[1]
+    R = s.shape[1] if s is not None else fuse_a.shape[0]
     out = empty((M, N), out_dtype, x.device)
+    store_s, s = s is not None, (s if s is not None else out)                   # out: a pointer never written
     sms = num_sms(x.device) if x.is_cuda else TARGET_SMS
     cfg = k.gemm_config(M, N, K, cpu_configs(x), sms, drop_epi=fuse_a is None and seed is not None,
                         drop_s=fuse_a is not None and seed is not None)
@@ -253,7 +259,7 @@ def _gemm(x, w, bias, s, e, rowscale, scale, out_dtype, *, seed=None, p=0.0, fus
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
         e.stride(0), e.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
         scale, int(seed) if seed is not None else 0, p, 1.0 / (1.0 - p),
-        HAS_BIAS=bias is not None, HAS_ROWSCALE=rowscale is not None, FUSE_S=fuse,
+        HAS_BIAS=bias is not None, HAS_ROWSCALE=rowscale is not None, FUSE_S=fuse, STORE_S=fuse and store_s,
         DROP_S=fuse and seed is not None, DROP_EPI=not fuse and seed is not None, SPLIT_K=splits > 1,
         UPCAST=upcast_dots(x.dtype), PRECISION=dot_precision(x.dtype), EPI_PRECISION=epi,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
@@ -319,9 +325,10 @@ def linear_rank_r(path, x, w, bias, s, e, rowscale, scale, *, seed=None, p=0.0):
 def _lora_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
     lora_B: torch.Tensor, gate: torch.Tensor | None, scaling: float, dropout_p: float,
-    seed: torch.Tensor | None, path: str = "kernel",
+    seed: torch.Tensor | None, path: str = "kernel", need_s: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward on 2-D x: returns (y [T, out], S = drop(x) A^T [T, r] fp32)."""
+    """Forward on 2-D x: returns (y [T, out], S = drop(x) A^T [T, r] fp32; [0, r] when not
+    ``need_s``: inference, where a GEMM that makes S keeps it on chip and allocates nothing)."""
     T, r = x.shape[0], lora_A.shape[0]
     if T == 0:
         return x.new_empty((0, weight.shape[0])), x.new_empty((0, r), dtype=torch.float32)
@@ -329,21 +336,22 @@ def _lora_fwd(
     k = kernels("lora")
     fuse = T <= k.FUSE_S_MAX_ROWS or (k.TMA_FUSE_S and dropout_p == 0.0 and _use_tma(x, weight.t(), lora_A))
     if path == "kernel" and fuse:                                                # one launch: S made in the GEMM
-        s = empty((T, r), torch.float32, x.device)
+        s = empty((T, r), torch.float32, x.device) if need_s else None
         y = _gemm(x, weight.t(), bias, s, lora_B.t(), gate, scaling, x.dtype, seed=seed_v, p=dropout_p,
                   fuse_a=lora_A)
-        return y, s
+        return y, (s if need_s else x.new_empty((0, r), dtype=torch.float32))
     s, _ = _skinny(x, e=lora_A.t(), seed=seed_v, p=dropout_p)                    # S = drop(x) A^T
     y = linear_rank_r(path, x, weight.t(), bias, s, lora_B.t(), gate, scaling)   # y = x W^T + b + g s S B^T
-    return y, s
+    return y, (s if need_s else s[:0])
 
 
 lora_fwd = torch.library.custom_op("peftops::lora_fwd", mutates_args=())(_lora_fwd)
 
 
 @lora_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed, path="kernel"):
-    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
+def _(x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed, path="kernel", need_s=True):
+    s_rows = x.shape[0] if need_s else 0
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((s_rows, lora_A.shape[0]), dtype=torch.float32)
 
 
 def _lora_bwd(
