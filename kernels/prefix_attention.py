@@ -49,6 +49,36 @@ def _online_softmax_step(s, vt, m_i, l_i, acc, v_scale, PRECISION: tl.constexpr)
 
 
 @triton.jit
+def _rows(base, r, rd, stride_r, stride_d, r_ok, d_ok, UPCAST: tl.constexpr):
+    """The [R, D] tile of rows r at base (row stride stride_r, feature stride stride_d), zeros
+    outside r_ok x d_ok; fp32 where UPCAST. Sequence rows come as int64 (T x stride can pass
+    2^31), prefix rows as int32 (L is small; int64 there costs registers)."""
+    t = tl.load(base + r[:, None] * stride_r + rd[None, :] * stride_d,
+                mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _rows_t(base, r, rd, stride_r, stride_d, r_ok, d_ok, UPCAST: tl.constexpr):
+    """``_rows`` loaded transposed: [D, R] (the K^T / V^T operands)."""
+    t = tl.load(base + r[None, :] * stride_r + rd[:, None] * stride_d,
+                mask=r_ok[None, :] & d_ok[:, None], other=0.0)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _row_gates(gate_ptr, b, sgb, sgt, rm64, m_ok):
+    """(gk, gv) of query rows rm: the fp32 [B, T or 1, 2] gate table (row stride 0 for a
+    per-sample gate; ones without a gate)."""
+    g_rows = gate_ptr + b * sgb + rm64 * sgt
+    return tl.load(g_rows, mask=m_ok, other=1.0), tl.load(g_rows + 1, mask=m_ok, other=1.0)
+
+
+@triton.jit
 def prefix_attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, gate_ptr, mask_ptr, o_ptr, lse_ptr,
     T, L, D, HQ, GROUP, smb, sgb, sgt,
@@ -73,14 +103,8 @@ def prefix_attn_fwd_kernel(
     d_ok = rd < D
     rm64 = rm.to(tl.int64)
 
-    q = tl.load(q_ptr + b * sqb + hq * sqh + rm64[:, None] * sqt + rd[None, :] * sqd,
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    # per-query-row gates (a per-sample gate has row stride sgt = 0)
-    g_rows = gate_ptr + b * sgb + rm64 * sgt
-    gk = tl.load(g_rows, mask=m_ok, other=1.0)
-    gv = tl.load(g_rows + 1, mask=m_ok, other=1.0)
+    q = _rows(q_ptr + b * sqb + hq * sqh, rm64, rd, sqt, sqd, m_ok, d_ok, UPCAST)
+    gk, gv = _row_gates(gate_ptr, b, sgb, sgt, rm64, m_ok)                   # per query row (or sample)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -93,13 +117,8 @@ def prefix_attn_fwd_kernel(
     for start in range(0, L, BLOCK_N):
         rn = start + tl.arange(0, BLOCK_N)
         n_ok = rn < L
-        kt = tl.load(pk_base + rn[None, :] * spkl + rd[:, None] * spkd,
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)            # [D, N]
-        vt = tl.load(pv_base + rn[:, None] * spvl + rd[None, :] * spvd,
-                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)            # [N, D]
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
+        kt = _rows_t(pk_base, rn, rd, spkl, spkd, n_ok, d_ok, UPCAST)           # [D, N]
+        vt = _rows(pv_base, rn, rd, spvl, spvd, n_ok, d_ok, UPCAST)             # [N, D]
         s = tl.dot(q, kt, input_precision=PRECISION) * pre_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_i, l_i, acc = _online_softmax_step(s, vt, m_i, l_i, acc, gv[:, None], PRECISION)
@@ -114,13 +133,8 @@ def prefix_attn_fwd_kernel(
         rn = start + tl.arange(0, BLOCK_N)
         n_ok = rn < T
         rn64 = rn.to(tl.int64)
-        kt = tl.load(k_base + rn64[None, :] * skt + rd[:, None] * skd,
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        vt = tl.load(v_base + rn64[:, None] * svt + rd[None, :] * svd,
-                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
+        kt = _rows_t(k_base, rn64, rd, skt, skd, n_ok, d_ok, UPCAST)
+        vt = _rows(v_base, rn64, rd, svt, svd, n_ok, d_ok, UPCAST)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale2
         s = tl.where(n_ok[None, :], s, float("-inf"))
         if CAUSAL:
@@ -150,11 +164,11 @@ def prefix_attn_bwd_preprocess_kernel(
     h = (pid_bh % HQ).to(tl.int64)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rd = tl.arange(0, BLOCK_D)
-    mask = (rm[:, None] < T) & (rd[None, :] < D)
+    m_ok = rm < T
     rm64 = rm.to(tl.int64)
-    o = tl.load(o_ptr + b * sob + h * soh + rm64[:, None] * sot + rd[None, :] * sod, mask=mask, other=0.0)
-    do = tl.load(do_ptr + b * sdob + h * sdoh + rm64[:, None] * sdot + rd[None, :] * sdod, mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    o = _rows(o_ptr + b * sob + h * soh, rm64, rd, sot, sod, m_ok, rd < D, True)
+    do = _rows(do_ptr + b * sdob + h * sdoh, rm64, rd, sdot, sdod, m_ok, rd < D, True)
+    delta = tl.sum(o * do, 1)
     tl.store(delta_ptr + pid_bh.to(tl.int64) * T + rm64, delta, mask=rm < T)
 
 
@@ -185,16 +199,11 @@ def prefix_attn_bwd_dq_kernel(
     d_ok = rd < D
     rm64 = rm.to(tl.int64)
     md = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(q_ptr + b * sqb + hq * sqh + rm64[:, None] * sqt + rd[None, :] * sqd, mask=md, other=0.0)
-    do = tl.load(do_ptr + b * sdob + hq * sdoh + rm64[:, None] * sdot + rd[None, :] * sdod, mask=md, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _rows(q_ptr + b * sqb + hq * sqh, rm64, rd, sqt, sqd, m_ok, d_ok, UPCAST)
+    do = _rows(do_ptr + b * sdob + hq * sdoh, rm64, rd, sdot, sdod, m_ok, d_ok, UPCAST)
     lse2 = tl.load(lse_ptr + pid_bh.to(tl.int64) * T + rm64, mask=m_ok, other=0.0)
     delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * T + rm64, mask=m_ok, other=0.0)
-    g_rows = gate_ptr + b * sgb + rm64 * sgt
-    gk = tl.load(g_rows, mask=m_ok, other=1.0)
-    gv = tl.load(g_rows + 1, mask=m_ok, other=1.0)
+    gk, gv = _row_gates(gate_ptr, b, sgb, sgt, rm64, m_ok)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     dgk = tl.zeros((BLOCK_M,), tl.float32)
     dgv = tl.zeros((BLOCK_M,), tl.float32)
@@ -205,13 +214,8 @@ def prefix_attn_bwd_dq_kernel(
     for start in range(0, L, BLOCK_N):
         rn = start + tl.arange(0, BLOCK_N)
         n_ok = rn < L
-        kt = tl.load(pk_base + rn[None, :] * spkl + rd[:, None] * spkd,
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)            # Pk^T [D, N]
-        vt = tl.load(pv_base + rn[None, :] * spvl + rd[:, None] * spvd,
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)            # Pv^T [D, N]
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
+        kt = _rows_t(pk_base, rn, rd, spkl, spkd, n_ok, d_ok, UPCAST)           # Pk^T [D, N]
+        vt = _rows_t(pv_base, rn, rd, spvl, spvd, n_ok, d_ok, UPCAST)           # Pv^T [D, N]
         qk = tl.dot(q, kt, input_precision=PRECISION)                         # q Pk^T (ungated, unscaled)
         p = tl.exp2(qk * pre_scale - lse2[:, None])
         p = tl.where(n_ok[None, :], p, 0.0)
@@ -230,13 +234,8 @@ def prefix_attn_bwd_dq_kernel(
         rn = start + tl.arange(0, BLOCK_N)
         n_ok = rn < T
         rn64 = rn.to(tl.int64)
-        kt = tl.load(k_base + rn64[None, :] * skt + rd[:, None] * skd,
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        vt = tl.load(v_base + rn64[None, :] * svt + rd[:, None] * svd,
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
+        kt = _rows_t(k_base, rn64, rd, skt, skd, n_ok, d_ok, UPCAST)
+        vt = _rows_t(v_base, rn64, rd, svt, svd, n_ok, d_ok, UPCAST)
         p = tl.exp2(tl.dot(q, kt, input_precision=PRECISION) * qk_scale2 - lse2[:, None])
         p = tl.where(n_ok[None, :], p, 0.0)
         if CAUSAL:
@@ -281,19 +280,13 @@ def _kv_block_bwd(
             rm = start + tl.arange(0, BLOCK_M)
             m_ok = rm < T
             rm64 = rm.to(tl.int64)
-            md = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_ptr + b * sqb + hq * sqh + rm64[:, None] * sqt + rd[None, :] * sqd, mask=md, other=0.0)
-            do = tl.load(do_ptr + b * sdob + hq * sdoh + rm64[:, None] * sdot + rd[None, :] * sdod, mask=md, other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
+            q = _rows(q_ptr + b * sqb + hq * sqh, rm64, rd, sqt, sqd, m_ok, d_ok, UPCAST)
+            do = _rows(do_ptr + b * sdob + hq * sdoh, rm64, rd, sdot, sdod, m_ok, d_ok, UPCAST)
             lse2 = tl.load(lse_ptr + row + rm64, mask=m_ok, other=0.0)
             delta = tl.load(delta_ptr + row + rm64, mask=m_ok, other=0.0)
             st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * s_scale2       # S^T [N, M]
             if GATED:
-                g_rows = gate_ptr + b * sgb + rm64 * sgt
-                gk = tl.load(g_rows, mask=m_ok, other=1.0)
-                gv = tl.load(g_rows + 1, mask=m_ok, other=1.0)
+                gk, gv = _row_gates(gate_ptr, b, sgb, sgt, rm64, m_ok)
                 st = st * gk[None, :]
             valid = n_ok[:, None] & m_ok[None, :]
             if CAUSAL_MASK:
@@ -342,11 +335,8 @@ def prefix_attn_bwd_dkdv_kernel(
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < L
         nd = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(pk_ptr + b * spkb + hk * spkh + rn[:, None] * spkl + rd[None, :] * spkd, mask=nd, other=0.0)
-        v = tl.load(pv_ptr + b * spvb + hk * spvh + rn[:, None] * spvl + rd[None, :] * spvd, mask=nd, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _rows(pk_ptr + b * spkb + hk * spkh, rn, rd, spkl, spkd, n_ok, d_ok, UPCAST)
+        v = _rows(pv_ptr + b * spvb + hk * spvh, rn, rd, spvl, spvd, n_ok, d_ok, UPCAST)
         dk, dv = _kv_block_bwd(
             q_ptr, do_ptr, lse_ptr, delta_ptr, gate_ptr, k, v, rn, n_ok, b, hk, T, HQ, GROUP, D,
             sqb, sqh, sqt, sqd, sdob, sdoh, sdot, sdod, sgb, sgt,
@@ -361,11 +351,8 @@ def prefix_attn_bwd_dkdv_kernel(
         n_ok = rn < T
         rn64 = rn.to(tl.int64)
         nd = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + b * skb + hk * skh + rn64[:, None] * skt + rd[None, :] * skd, mask=nd, other=0.0)
-        v = tl.load(v_ptr + b * svb + hk * svh + rn64[:, None] * svt + rd[None, :] * svd, mask=nd, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _rows(k_ptr + b * skb + hk * skh, rn64, rd, skt, skd, n_ok, d_ok, UPCAST)
+        v = _rows(v_ptr + b * svb + hk * svh, rn64, rd, svt, svd, n_ok, d_ok, UPCAST)
         lo = 0
         if CAUSAL:
             lo = (n0 // BLOCK_M) * BLOCK_M  # earlier query blocks cannot see this key block
