@@ -292,11 +292,11 @@ def lora_rank_add_kernel(
 
 @triton.jit
 def lora_skinny_kernel(
-    x_ptr, e_ptr, f_ptr, p1_ptr, p2_ptr,
+    x_ptr, e_ptr, f_ptr, f_rowscale_ptr, p1_ptr, p2_ptr,
     M, N, R, n_per_split,
     stride_xm, stride_xn, stride_en, stride_er, stride_fm, stride_fr,
-    seed, p, inv_keep,
-    DO_P1: tl.constexpr, DO_P2: tl.constexpr, DROPOUT: tl.constexpr,
+    f_scale, seed, p, inv_keep,
+    DO_P1: tl.constexpr, DO_P2: tl.constexpr, F_ROWSCALE: tl.constexpr, DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -304,6 +304,8 @@ def lora_skinny_kernel(
     # split pid_s of X once, and writes
     #   p1[pid_s, rows, :]   = drop(X)[rows, split] @ E[split, :]      (sum over splits = P1)
     #   p2[pid_m, cols, :]   = drop(X)[rows, cols]^T @ F[rows, :]      (sum over pid_m = P2)
+    # F is scaled as it is loaded: f_scale * f_rowscale[row] * F (the gate and the scaling of
+    # g s S and of dS = g s dY B, so the host makes no [T, r] product for them).
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -313,7 +315,9 @@ def lora_skinny_kernel(
 
     if DO_P2:
         f = tl.load(f_ptr + rm64[:, None] * stride_fm + rr[None, :] * stride_fr,
-                    mask=m_ok[:, None] & (rr[None, :] < R), other=0.0)
+                    mask=m_ok[:, None] & (rr[None, :] < R), other=0.0).to(tl.float32) * f_scale
+        if F_ROWSCALE:
+            f = f * tl.load(f_rowscale_ptr + rm64, mask=m_ok, other=0.0).to(tl.float32)[:, None]
     acc1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     n_start = pid_s * n_per_split
     n_stop = tl.minimum(n_start + n_per_split, N)
@@ -353,7 +357,8 @@ def gemm_config(M, N, K, interpret, num_sms, drop_epi=False, drop_s=False):
     spills at 128x128 (255 + 184 B), so it runs 64x128 on 8 warps (169). Up to 64 rows
     (decode) the GEMM streams W once: narrow column tiles give a program per 32 columns
     (128 programs at N = 4096) and deep K tiles keep loads in flight; with dropout on the
-    fused S pass K tiles are 64 deep (128 at 128 deep: 8 B spill). Where that leaves SMs
+    fused S pass K tiles are 64 deep (128 at 128 deep: 8 B spill) on 8 warps (the Philox state:
+    fp16 32-row tiles spilled 8 B on 4 warps, at a 128-register cap). Where that leaves SMs
     without a program (N / 32 < SMs: every N <= 4096 on an H100), K is split (``splits``,
     ``k_per_split``; see ``decode_splits``) in 64-deep K tiles (the fused-S split variant
     spills 8 B on sm_80 at 128; more programs keep as many loads in flight). Not yet tuned
@@ -366,8 +371,8 @@ def gemm_config(M, N, K, interpret, num_sms, drop_epi=False, drop_s=False):
         block_m = max(16, next_pow2(M))
         split = decode_splits(cdiv(M, block_m) * cdiv(N, 32), K, 64, num_sms)
         block_k = 64 if drop_s or split["splits"] > 1 else 128
-        return dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=block_k, GROUP_M=1, num_warps=4, num_stages=4,
-                    **(split if split["splits"] > 1 else dict(splits=1, k_per_split=K)))
+        return dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=block_k, GROUP_M=1, num_warps=8 if drop_s else 4,
+                    num_stages=4, **(split if split["splits"] > 1 else dict(splits=1, k_per_split=K)))
     one = dict(splits=1, k_per_split=K)
     if drop_epi:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, **one)
@@ -413,7 +418,9 @@ def tma_config(M, N, K, interpret, num_sms, drop_epi=False):
     128x256x64, 8 warps, 3 stages (two warpgroups of 64x256 wgmma, 48 KiB a stage: 190-218
     regs, 220-224 KiB); then 128x128 (4 stages), then 64x128 on 4 warps (narrow outputs such
     as a 1.1B Llama's k / v projections, 256 wide). The dx dropout epilogue holds a second
-    fp32 tile and the Philox state, so it starts at 128x128 (197 regs). Not yet timed on a GPU."""
+    fp32 tile and the Philox state, so it starts at 128x128 (197 regs) and its 64x128 tiles
+    run on 8 warps (141 regs; 4 warps spilled 24-32 B once dx took the row gate as a
+    rowscale). Not yet timed on a GPU."""
     if interpret:
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)
     def tiles(bm, bn):
@@ -422,7 +429,7 @@ def tma_config(M, N, K, interpret, num_sms, drop_epi=False):
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     if tiles(128, 128) >= num_sms:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8 if drop_epi else 4, num_stages=4)
 
 
 def rank_add_config(M, N, interpret, dropout=False):

@@ -136,9 +136,10 @@ class _LoraLinearFn(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------ launchers
-def _skinny(x, e=None, f=None, *, seed=None, p=0.0):
+def _skinny(x, e=None, f=None, *, seed=None, p=0.0, f_rowscale=None, f_scale=1.0):
     """One pass over ``x [M, N]``: ``P1 = drop(x) @ e`` (e ``[N, r]``) and/or
-    ``P2 = drop(x)^T @ f`` (f ``[M, r]``), both fp32; partials summed here in fixed order."""
+    ``P2 = drop(x)^T @ (f_scale * f_rowscale[:, None] * f)`` (f ``[M, r]``, f_rowscale ``[M]``
+    fp32 or None), both fp32; partials summed here in fixed order."""
     k = kernels("lora")
     M, N = x.shape
     R = (e if e is not None else f).shape[1]
@@ -150,12 +151,13 @@ def _skinny(x, e=None, f=None, *, seed=None, p=0.0):
     dummy = p1 if p1 is not None else p2
     k.lora_skinny_kernel[(m_blocks, splits)](
         x, e if e is not None else dummy, f if f is not None else dummy,
+        f_rowscale if f_rowscale is not None else dummy,
         p1 if p1 is not None else dummy, p2 if p2 is not None else dummy,
         M, N, R, cfg["n_per_split"],
         x.stride(0), x.stride(1),
         *(e.stride() if e is not None else (0, 0)), *(f.stride() if f is not None else (0, 0)),
-        int(seed) if seed is not None else 0, p, 1.0 / (1.0 - p),
-        DO_P1=e is not None, DO_P2=f is not None, DROPOUT=seed is not None,
+        float(f_scale), int(seed) if seed is not None else 0, p, 1.0 / (1.0 - p),
+        DO_P1=e is not None, DO_P2=f is not None, F_ROWSCALE=f_rowscale is not None, DROPOUT=seed is not None,
         UPCAST=upcast_dots(x.dtype), PRECISION=dot_precision(x.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=next_pow2(R),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -365,14 +367,15 @@ def _lora_bwd(
         dx = x.new_zeros(x.shape) if need_dx else x.new_empty(0)
         return dx, lora_A.new_zeros(lora_A.shape), lora_B.new_zeros(lora_B.shape), s.new_zeros(0)
     seed_v = None if seed is None else int(seed.item())
-    gs = scaling if gate is None else (gate * scaling)[:, None]                  # g s, per row or scalar
-    dyb, d_b = _skinny(dy, e=lora_B, f=s * gs)                                   # dYB = dY B; dB = (g s dY)^T S
-    ds = dyb * gs                                                                # dS = g s dY B          [T, r]
+    # The gate g (per row) and the scaling s ride in the kernels: each scales its [T, r]
+    # operand as it loads it, so no [T, r] product is launched here.
+    dyb, d_b = _skinny(dy, e=lora_B, f=s, f_rowscale=gate, f_scale=scaling)     # dYB = dY B; dB = (g s dY)^T S
     dg = (dyb * s).sum(1) * scaling if gate is not None else s.new_zeros(0)      # dg = s <dY B, S>_r
-    _, d_at = _skinny(x, f=ds, seed=seed_v, p=dropout_p)                         # dA^T = drop(x)^T dS
+    _, d_at = _skinny(x, f=dyb, f_rowscale=gate, f_scale=scaling,                # dA^T = drop(x)^T dS,
+                      seed=seed_v, p=dropout_p)                                  #   dS = g s dY B  [T, r]
     dx = x.new_empty(0)
     if need_dx:                                                                  # dx = dY W + drop'(dS A)
-        dx = linear_rank_r(path, dy, weight, None, ds, lora_A, None, 1.0, seed=seed_v, p=dropout_p)
+        dx = linear_rank_r(path, dy, weight, None, dyb, lora_A, gate, scaling, seed=seed_v, p=dropout_p)
     return dx, d_at.t().to(lora_A.dtype).contiguous(), d_b.to(lora_B.dtype).contiguous(), dg
 
 

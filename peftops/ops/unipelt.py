@@ -189,7 +189,7 @@ def gated_lora_bwd(
             gate_weight.new_zeros(1)
     s = s_ext[:, :r]
     gs = g * scaling
-    dyb, d_b = _skinny(dy, e=lora_B, f=s * gs[:, None])                          # dYB = dY B; dB = (g s dY)^T S
+    dyb, d_b = _skinny(dy, e=lora_B, f=s, f_rowscale=gs)                         # dYB = dY B; dB = (g s dY)^T S
     dg = (dyb * s).sum(1) * scaling                                              # dg_t = s <dY_t B, S_t>
     z = s_ext[:, r] + (gate_bias.float() if gate_bias is not None else 0.0)
     sig = torch.sigmoid(z)
