@@ -309,8 +309,10 @@ def weights_config(T, D, MW, want_programs, interpret):
         block_m, block_d = 32, 64
     else:  # two [BLOCK_D, BLOCK_W] fp32 accumulators live in registers: narrow d tiles for wide m
         # 64-row tiles spilled at 32 < m <= 128 (16 B, sm_80) and m > 128 (40 B, sm_90);
-        # 32-row tiles spilled at m <= 32 (8 B, sm_80)
-        block_m, block_d = (64, 64) if MW <= 32 else (32, 64) if MW <= 128 else (32, 32)
+        # 32-row tiles spilled at m <= 32 (8 B, sm_80), and so did 64 x 64 tiles for some
+        # launches (silu, no gate: 8 B at a 128-register cap); 64 x 32: every recorded launch
+        # spill-free on sm_80 and sm_90
+        block_m, block_d = (64, 32) if MW <= 32 else (32, 64) if MW <= 128 else (32, 32)
     d_blocks = cdiv(D, block_d)
     m_blocks = cdiv(T, block_m)
     splits = 1 if interpret else max(1, min(m_blocks, want_programs // d_blocks))
