@@ -190,41 +190,6 @@ def _use_tma(x, w, fuse_a=None) -> bool:
             and (fuse_a is None or _tma_readable(fuse_a)))
 
 
-def _gemm_tma(x, w, bias, s, e, rowscale, scale, out_dtype, *, seed=None, p=0.0, fuse_a=None):
-    """``_gemm`` on the persistent TMA kernel (``_use_tma`` says when it can run)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    k = kernels("lora")
-    M, K = x.shape
-    N = w.shape[1]
-    R = s.shape[1] if s is not None else fuse_a.shape[0]
-    out = empty((M, N), out_dtype, x.device)
-    store_s, s = s is not None, (s if s is not None else out)                   # out: a pointer never written
-    sms = num_sms(x.device) if x.is_cuda else TARGET_SMS
-    cfg = k.tma_config(M, N, K, cpu_configs(x), sms, drop_epi=fuse_a is None and seed is not None)
-    bm, bn, bk, br = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], next_pow2(R)
-    w_nk = w.stride(0) == 1
-    x_desc = TensorDescriptor.from_tensor(x, [bm, bk])
-    w_desc = TensorDescriptor.from_tensor(w.t(), [bn, bk]) if w_nk else TensorDescriptor.from_tensor(w, [bk, bn])
-    a_desc = TensorDescriptor.from_tensor(fuse_a, [br, bk]) if fuse_a is not None else x_desc
-    out_desc = TensorDescriptor.from_tensor(out, [bm, bn])
-    tiles = -(-M // bm) * -(-N // bn)
-    epi = "tf32" if x.dtype != torch.float32 else dot_precision(x.dtype)
-    k.lora_gemm_tma_kernel[(min(tiles, sms),)](
-        x_desc, w_desc, a_desc, out_desc, bias if bias is not None else out, s, e,
-        rowscale if rowscale is not None else s,
-        M, N, K, R, s.stride(0), s.stride(1), e.stride(0), e.stride(1),
-        scale, int(seed) if seed is not None else 0, p, 1.0 / (1.0 - p),
-        HAS_BIAS=bias is not None, HAS_ROWSCALE=rowscale is not None, FUSE_S=fuse_a is not None,
-        STORE_S=fuse_a is not None and store_s, W_NK=w_nk, DROP_EPI=fuse_a is None and seed is not None,
-        UPCAST=upcast_dots(x.dtype), PRECISION=dot_precision(x.dtype), EPI_PRECISION=epi,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, GROUP_M=cfg["GROUP_M"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    record_launch("lora_gemm_tma")
-    return out
-
-
 def _gemm(x, w, bias, s, e, rowscale, scale, out_dtype, *, seed=None, p=0.0, fuse_a=None):
     """``out = x @ w + bias + scale * rowscale * drop(s @ e)``; x ``[M, K]``, w ``[K, N]``,
     s ``[M, r]``, e ``[r, N]`` (any strides).
@@ -232,11 +197,9 @@ def _gemm(x, w, bias, s, e, rowscale, scale, out_dtype, *, seed=None, p=0.0, fus
     ``fuse_a`` (``[r, K]``): compute ``s = drop(x) fuse_a^T`` in the GEMM's main loop and write
     it into ``s`` (the dropout, if any, then acts on that x, not on the rank-r term); ``s``
     None: nothing is written (inference: no backward needs S).
-    Many rows of a TMA-readable half-precision base go to the persistent TMA kernel."""
+    Many rows of a TMA-readable half-precision base go to the persistent TMA kernel
+    (``_use_tma``), the rest to ``lora_gemm_kernel`` (same math)."""
     assert s is not None or fuse_a is not None, "S is an input unless the GEMM makes it"
-    if _use_tma(x, w, fuse_a):
-        assert fuse_a is None or seed is None, "the TMA GEMM fuses S only without dropout"
-        return _gemm_tma(x, w, bias, s, e, rowscale, scale, out_dtype, seed=seed, p=p, fuse_a=fuse_a)
     k = kernels("lora")
     M, K = x.shape
     N = w.shape[1]
@@ -244,10 +207,35 @@ def _gemm(x, w, bias, s, e, rowscale, scale, out_dtype, *, seed=None, p=0.0, fus
     out = empty((M, N), out_dtype, x.device)
     store_s, s = s is not None, (s if s is not None else out)                   # out: a pointer never written
     sms = num_sms(x.device) if x.is_cuda else TARGET_SMS
+    epi = "tf32" if x.dtype != torch.float32 else dot_precision(x.dtype)
+    if _use_tma(x, w, fuse_a):
+        assert fuse_a is None or seed is None, "the TMA GEMM fuses S only without dropout"
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        cfg = k.tma_config(M, N, K, cpu_configs(x), sms, drop_epi=fuse_a is None and seed is not None)
+        bm, bn, bk, br = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], next_pow2(R)
+        w_nk = w.stride(0) == 1
+        x_desc = TensorDescriptor.from_tensor(x, [bm, bk])
+        w_desc = TensorDescriptor.from_tensor(w.t(), [bn, bk]) if w_nk else TensorDescriptor.from_tensor(w, [bk, bn])
+        a_desc = TensorDescriptor.from_tensor(fuse_a, [br, bk]) if fuse_a is not None else x_desc
+        out_desc = TensorDescriptor.from_tensor(out, [bm, bn])
+        tiles = -(-M // bm) * -(-N // bn)
+        k.lora_gemm_tma_kernel[(min(tiles, sms),)](
+            x_desc, w_desc, a_desc, out_desc, bias if bias is not None else out, s, e,
+            rowscale if rowscale is not None else s,
+            M, N, K, R, s.stride(0), s.stride(1), e.stride(0), e.stride(1),
+            scale, int(seed) if seed is not None else 0, p, 1.0 / (1.0 - p),
+            HAS_BIAS=bias is not None, HAS_ROWSCALE=rowscale is not None, FUSE_S=fuse_a is not None,
+            STORE_S=fuse_a is not None and store_s, W_NK=w_nk, DROP_EPI=fuse_a is None and seed is not None,
+            UPCAST=upcast_dots(x.dtype), PRECISION=dot_precision(x.dtype), EPI_PRECISION=epi,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, GROUP_M=cfg["GROUP_M"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        record_launch("lora_gemm_tma")
+        return out
     cfg = k.gemm_config(M, N, K, cpu_configs(x), sms, drop_epi=fuse_a is None and seed is not None,
                         drop_s=fuse_a is not None and seed is not None)
     tiles, splits = -(-M // cfg["BLOCK_M"]) * -(-N // cfg["BLOCK_N"]), cfg["splits"]
-    epi = "tf32" if x.dtype != torch.float32 else dot_precision(x.dtype)
     fuse = fuse_a is not None
     a = fuse_a if fuse else s
     part = part_s = arrived = out                                               # unused without split-K
