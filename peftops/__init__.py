@@ -13,6 +13,7 @@ from .ops.adapter import bottleneck_adapter
 from .ops.fusion import adapter_fusion
 from .ops.prefix_attention import prefix_attention
 from .ops.unipelt import gated_lora_linear
+from .ops.dora import dora_linear
 
 # modules
 from .nn.lora import LoraLinear
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "backend", "dispatch_counts", "force_path", "reset_dispatch_counts",
     "lora_linear", "ia3_linear", "bottleneck_adapter", "adapter_fusion", "prefix_attention", "gated_lora_linear",
+    "dora_linear",
     "LoraLinear", "IA3Linear", "BottleneckAdapter", "AdapterFusion", "PrefixEncoder",
     "GatedLoraLinear", "GatedBottleneckAdapter", "GatedPrefix", "UniPELT", "UniPELTConfig", "UniPELTLayer", "bitfit",
     "accelerate", "deaccelerate", "add_adapter", "set_active_adapters", "train_adapter", "save_adapter",
