@@ -33,6 +33,8 @@ the dense W. They take 2-D x ``[T, in]`` and return / expect the tensors listed 
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .. import _checks, reference
@@ -53,49 +55,70 @@ PATHS = PathTable("dora", paths=("kernel", "cublas"), default="kernel", rows=[
 
 
 # ------------------------------------------------------------------------ norm cache
-def _key(t: torch.Tensor | None):
-    if t is None:
-        return None
+def _key(t: torch.Tensor):
+    """(storage, the rest of t's identity) or None (not cacheable: inference tensors keep
+    no version counter)."""
     try:
-        return (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, str(t.device))
-    except RuntimeError:  # inference tensors keep no version counter: not cacheable
-        return False
+        return t.untyped_storage(), (t.storage_offset(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype,
+                                     str(t.device))
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 class DoraNormCache:
     """Per-layer cache of ``||W_i||^2`` (per frozen W) and of n (per W, A, B, scaling).
 
-    Entries are keyed by each tensor's (data pointer, version counter, shape, strides,
-    dtype, device): an in-place write through autograd-visible ops (``copy_`` by
-    ``load_state_dict``, an optimizer step on A / B) changes the key. ``clear()`` is the
-    explicit hook for writes that bypass the counter (``weight.data = ...``, merge)."""
+    Each tensor is recognised by its storage (a weak reference: the same storage object,
+    not just the same address) and its offset, version counter, shape, strides, dtype:
+    ``weight.data = ...`` (peft's DoRA merge) gives a new storage, ``copy_`` (``load_state_dict``)
+    and an optimizer step bump the version. ``clear()`` is the explicit hook for writes that
+    bypass both (``weight.data += ...``: peft's plain-LoRA merge); peftops' modules call it
+    on merge / unmerge."""
 
     def __init__(self):
-        self._wsq = None       # (key of W, [out] fp32)
-        self._norm = {}        # (key W, key A, key B, scaling) -> [out] fp32
+        self._wsq = None       # (entry of W, [out] fp32)
+        self._norm = []        # [(entries of W, A, B, scaling), n [out] fp32], newest last
 
     def clear(self) -> None:
-        self._wsq, self._norm = None, {}
+        self._wsq, self._norm = None, []
+
+    @staticmethod
+    def _entries(*ts):
+        keys = [_key(t) for t in ts]
+        if any(k is None for k in keys):
+            return None
+        return [(weakref.ref(st), rest) for st, rest in keys], [st for st, _ in keys]
+
+    @staticmethod
+    def _same(stored, live):
+        entries, storages = live
+        return all(ref() is st and rest == r2 for (ref, rest), (_, r2), st in zip(stored, entries, storages))
 
     def get_wsq(self, weight):
-        k = _key(weight)
-        return self._wsq[1] if k and self._wsq is not None and self._wsq[0] == k else None
+        live = self._entries(weight)
+        if live is None or self._wsq is None or not self._same(self._wsq[0], live):
+            return None
+        return self._wsq[1]
 
     def put_wsq(self, weight, wsq):
-        k = _key(weight)
-        if k:
-            self._wsq = (k, wsq)
+        live = self._entries(weight)
+        if live is not None:
+            self._wsq = (live[0], wsq)
 
     def get_norm(self, weight, lora_A, lora_B, scaling):
-        k = (_key(weight), _key(lora_A), _key(lora_B), float(scaling))
-        return self._norm.get(k) if all(k[:3]) else None
+        live = self._entries(weight, lora_A, lora_B)
+        if live is None:
+            return None
+        for (entries, sc), n in self._norm:
+            if sc == float(scaling) and self._same(entries, live):
+                return n
+        return None
 
     def put_norm(self, weight, lora_A, lora_B, scaling, n):
-        k = (_key(weight), _key(lora_A), _key(lora_B), float(scaling))
-        if all(k[:3]):
-            if len(self._norm) >= 8:  # several adapters per layer at most; old A / B versions drop out
-                self._norm.pop(next(iter(self._norm)))
-            self._norm[k] = n
+        live = self._entries(weight, lora_A, lora_B)
+        if live is not None:
+            self._norm = [e for e in self._norm if all(ref() is not None for ref, _ in e[0][0])][-7:]
+            self._norm.append(((live[0], float(scaling)), n))
 
 
 # ------------------------------------------------------------------------ public op
