@@ -441,3 +441,14 @@ def test_module_matches_peft_and_state_dict_keys():
         assert_close("unmerged", ours(x), y, 1e-5)
     with pytest.raises(ValueError, match="lora_bias"):
         peftops.LoraLinear(base, r=4, use_dora=True, lora_bias=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("path", ["kernel", "cublas"])
+def test_many_rows_half_column_scale_in_both_gemms(path, dtype):
+    """T = 300 rows of a half base: the persistent TMA GEMM (``kernel``, S fused) or cuBLAS +
+    the rank-r add (``cublas``) carry m / n in their epilogue; dx runs the same GEMMs."""
+    with peftops.force_path("dora", path), peftops.force_path("lora", path):
+        run_op_parity((300,), 64, 80, 16, dtype)
+    counts = peftops.dispatch_counts()
+    assert counts.get("launch.lora_gemm_tma" if path == "kernel" else "launch.lora_rank_add", 0) >= 1
