@@ -393,7 +393,9 @@ def test_e2e_bench_case_small_parity():
     from peftops.benchmarks import e2e
     from peftops.benchmarks.core import rel_err as bench_rel_err
 
-    (case,) = e2e.cases(DEVICE, torch.float32, small=True)
+    cases = {c.op: c for c in e2e.cases(DEVICE, torch.float32, small=True)}
+    assert set(cases) == {"e2e_llama_lora_train_step", "e2e_llama_dora_train_step"}  # DoRA's: tests/test_dora.py
+    case = cases["e2e_llama_lora_train_step"]
     assert set(case.providers) == {"peft", "peftops"} and case.flops > 0
     ref = case.providers["peft"]()()
     got = case.providers["peftops"]()()

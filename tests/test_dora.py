@@ -452,3 +452,42 @@ def test_many_rows_half_column_scale_in_both_gemms(path, dtype):
         run_op_parity((300,), 64, 80, 16, dtype)
     counts = peftops.dispatch_counts()
     assert counts.get("launch.lora_gemm_tma" if path == "kernel" else "launch.lora_rank_add", 0) >= 1
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
+    """The norm pass, forward and backward are torch custom ops: one graph, kernels inside."""
+    x, w, b, a, bb = dora_args((2, 7), 24, 20, 3)
+    m = magnitude_for(w, a, bb, 0.5)
+    args = dict(x=copy_as(x, torch.float32, True), weight=w.float(), bias=b.float(), lora_A=copy_as(a, torch.float32, True),
+                lora_B=copy_as(bb, torch.float32, True), magnitude=copy_as(m, torch.float32, True))
+    torch._dynamo.reset()
+    fn = torch.compile(lambda **k: peftops.dora_linear(**k, scaling=0.5), fullgraph=True, backend=backend)
+    y = fn(**args)
+    y.square().sum().backward()
+    names = ("x", "lora_A", "lora_B", "magnitude")
+    got = [args[k].grad.clone() for k in names]
+    counts = peftops.dispatch_counts()
+    assert counts.get("launch.dora_norm") == 1 and counts.get("launch.dora_grad") == 1, counts
+    for t in args.values():
+        t.grad = None
+    ref = peftops.dora_linear(**args, scaling=0.5)
+    ref.square().sum().backward()
+    assert_close("y", y, ref, 1e-6)
+    for k, g in zip(names, got):
+        assert_close(f"d{k}", g, args[k].grad, 1e-6)
+
+
+def test_e2e_dora_bench_case_small_parity():
+    """The e2e bench's DoRA training step (tiny Llama, DoRA on every linear layer): loss and
+    every LoRA / magnitude gradient equal to peft's, the DoRA kernels ran in every layer."""
+    from peftops.benchmarks import e2e
+    from peftops.benchmarks.core import rel_err as bench_rel_err
+
+    (case,) = [c for c in e2e.cases(DEVICE, torch.float32, small=True) if c.op == "e2e_llama_dora_train_step"]
+    ref = case.providers["peft"]()()
+    got = case.providers["peftops"]()()
+    assert len(got) == len(ref) == 1 + 3 * 14  # loss + A, B and the magnitude of 14 layers
+    assert bench_rel_err(got, ref) <= 1e-4
+    c = peftops.dispatch_counts()
+    assert c.get("launch.dora_norm", 0) >= 14 and c.get("launch.dora_grad", 0) >= 14, c

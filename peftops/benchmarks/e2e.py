@@ -34,11 +34,12 @@ SIZES = {
 
 
 def build_model(size: str, device, dtype: torch.dtype, accelerated: bool, seed: int = 0, *,
-                fp32_adapters: bool = False):
+                fp32_adapters: bool = False, dora: bool = False):
     """A peft LoRA model (r from ``SIZES``, alpha = 2r, all linear layers) over a randomly
     initialised Llama, LoRA B random (a trained state), optionally accelerated.
     ``fp32_adapters``: peft's default (``autocast_adapter_dtype=True``: LoRA weights in fp32
-    over a half-precision base); else the adapters are in the model dtype."""
+    over a half-precision base); else the adapters are in the model dtype. ``dora``: DoRA
+    (``use_dora=True``; magnitudes moved off their init, as after training)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -47,13 +48,15 @@ def build_model(size: str, device, dtype: torch.dtype, accelerated: bool, seed: 
     torch.manual_seed(seed)
     with torch.device(device):
         base = LlamaForCausalLM._from_config(cfg, dtype=dtype)
-    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"),
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", use_dora=dora),
                            autocast_adapter_dtype=fp32_adapters)
     g = torch.Generator(device="cpu").manual_seed(seed + 1)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * r ** -0.5)
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g).to(p.device, p.dtype))
     model.train()
     if accelerated:
         from ..integrations.accelerate import accelerate
@@ -112,9 +115,9 @@ def cases(device, dtype, small: bool) -> list[Case]:
     size = "tiny" if small else "1b"
     cfg_kw, b, t, r = SIZES[size]
 
-    def make(accelerated, fp32_adapters, compile_=False):
+    def make(accelerated, fp32_adapters, compile_=False, dora=False):
         def build():
-            model = build_model(size, device, dtype, accelerated, fp32_adapters=fp32_adapters)
+            model = build_model(size, device, dtype, accelerated, fp32_adapters=fp32_adapters, dora=dora)
             if compile_:
                 compile_layers(model)
             return step_fn(model, batch(size, device))
@@ -135,4 +138,10 @@ def cases(device, dtype, small: bool) -> list[Case]:
                                    adapters="fp32" if fp32 else dtype_name(dtype)), dtype=dtype,
                         providers=providers, flops=flops, bytes=2.0 * n * dtype.itemsize,
                         parity_with="peft", compare=("peftops",), iters=4))
+    # DoRA (issue 17): the same step with use_dora=True, adapters in the model dtype; bars in
+    # bench/targets.toml (step >= 1.6x faster than peft's, peak memory <= peft's).
+    out.append(Case(op="e2e_llama_dora_train_step",
+                    shape=dict(size=size, batch=b, seq=t, r=r, params=n, adapters=dtype_name(dtype)), dtype=dtype,
+                    providers={"peft": make(False, False, dora=True), "peftops": make(True, False, dora=True)},
+                    flops=flops, bytes=2.0 * n * dtype.itemsize, parity_with="peft", compare=("peftops",), iters=4))
     return out

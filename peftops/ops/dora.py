@@ -150,7 +150,9 @@ def dora_linear(
     if torch.compiler.is_compiling():
         norm_cache = None                                                        # keys read data pointers
     n = norm_cache.get_norm(weight, lora_A, lora_B, scaling) if norm_cache is not None else None
-    if n is None:
+    if n is None and norm_cache is None:
+        n = pick(dora_norm, _dora_norm, weight)(weight.detach(), lora_A.detach(), lora_B.detach(), scaling)[0]
+    elif n is None:
         wsq = norm_cache.get_wsq(weight) if norm_cache is not None else None
         n, wsq = norm_rows(weight, lora_A, lora_B, scaling, wsq)
         if norm_cache is not None:
@@ -182,7 +184,7 @@ def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
             norm_cache.put_wsq(weight, wsq)
             norm_cache.put_norm(weight, lora_A, lora_B, scaling, n)
         return n
-    return norm_rows(weight, lora_A, lora_B, scaling)[0]
+    return pick(dora_norm, _dora_norm, weight)(weight.detach(), lora_A.detach(), lora_B.detach(), scaling)[0]
 
 
 def _check(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p):
@@ -307,6 +309,20 @@ def _bwd_rows(dy, y, x, weight, bias, lora_A, lora_B, magnitude, n, s, c, scalin
     #   dYB = dY' B; dB = s dY'^T S; dA = s (dY' B)^T x; dx = dY' W + s (dY' B) A
     dx, d_a, d_b, _ = _lora._lora_bwd(dyc, x, weight, lora_A, lora_B, s, None, scaling, 0.0, None, need_dx, path)
     return dx, d_a, d_b, dm.to(magnitude.dtype), dyc
+
+
+def _dora_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+               scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return norm_rows(weight, lora_A, lora_B, scaling)
+
+
+dora_norm = torch.library.custom_op("peftops::dora_norm", mutates_args=())(_dora_norm)
+
+
+@dora_norm.register_fake
+def _(weight, lora_A, lora_B, scaling):
+    return (weight.new_empty((weight.shape[0],), dtype=torch.float32),
+            weight.new_empty((weight.shape[0],), dtype=torch.float32))
 
 
 def _dora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
