@@ -491,3 +491,33 @@ def test_e2e_dora_bench_case_small_parity():
     assert bench_rel_err(got, ref) <= 1e-4
     c = peftops.dispatch_counts()
     assert c.get("launch.dora_norm", 0) >= 14 and c.get("launch.dora_grad", 0) >= 14, c
+
+
+@pytest.mark.cuda_only("GPU-sized shapes: hours in the CPU interpreter")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("path", ["kernel", "cublas"])
+def test_gpu_sized(path, dtype):
+    """T = 4096 rows (2 x 2048), d = 1024, r = 16, each path: output and every gradient."""
+    with peftops.force_path("dora", path):
+        run_op_parity((2, 2048), 1024, 1024, 16, dtype)
+
+
+@pytest.mark.parametrize("dtype,rows", [(torch.bfloat16, 300), (torch.float16, 300), (torch.float32, 300),
+                                        (torch.bfloat16, 100)], ids=["tma-bf16", "tma-fp16", "fp32", "M<=256"])
+def test_large_tile_regimes_with_column_scale(dtype, rows, monkeypatch):
+    """The big GEMM tiles a GPU takes with m / n in the epilogue (a 4-SM target reaches them at
+    small shapes: 128x256 on the TMA GEMM for a half base, 128x256 / 64x128 on lora_gemm_kernel
+    for fp32 / <= 256 rows), and plain LoRA at the same tiles, so compile-check compares the
+    registers of the column-scale variants with the LoRA ones they extend."""
+    from peftops.ops import lora as lora_ops
+    from test_lora import lora_args, run_parity
+
+    monkeypatch.setattr(lora_ops, "TARGET_SMS", 4)
+    if DEVICE.type == "cuda":
+        monkeypatch.setattr(lora_ops, "num_sms", lambda device: 4)
+    with peftops.force_path("dora", "kernel"), peftops.force_path("lora", "kernel"):
+        run_op_parity((rows,), 16, 264, 4, dtype)
+        run_parity(lora_args((rows,), 16, 264, 4), dtype)
+    counts = peftops.dispatch_counts()
+    tma = dtype != torch.float32 and rows > 256
+    assert counts.get("launch.lora_gemm_tma" if tma else "launch.lora_gemm", 0) >= 2
