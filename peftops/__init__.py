@@ -13,6 +13,9 @@ from .ops.adapter import bottleneck_adapter
 from .ops.fusion import adapter_fusion
 from .ops.prefix_attention import prefix_attention
 from .ops.unipelt import gated_lora_linear
+# QLoRA: LoRA over a bitsandbytes 4-bit base, and the shared 4-bit dequantiser
+from .ops.qlora import qlora_linear
+from .ops.dequant import Quant4bit, dequantize_4bit, quantize_4bit
 
 # modules
 from .nn.lora import LoraLinear
@@ -31,6 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "backend", "dispatch_counts", "force_path", "reset_dispatch_counts",
+    "qlora_linear", "Quant4bit", "dequantize_4bit", "quantize_4bit",
     "lora_linear", "ia3_linear", "bottleneck_adapter", "adapter_fusion", "prefix_attention", "gated_lora_linear",
     "LoraLinear", "IA3Linear", "BottleneckAdapter", "AdapterFusion", "PrefixEncoder",
     "GatedLoraLinear", "GatedBottleneckAdapter", "GatedPrefix", "UniPELT", "UniPELTConfig", "UniPELTLayer", "bitfit",

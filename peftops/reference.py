@@ -224,3 +224,30 @@ def gated_lora_linear(
     (no alpha / r when gated: scaling 1). Returns ``(y, g.detach())``."""
     g = unipelt_gate(x, gate_weight, gate_bias, gate_mode)
     return lora_linear(x, weight, bias, lora_A, lora_B, scaling, gate=g), g.detach()
+
+
+# --------------------------------------------------------------------------- QLoRA (4-bit base)
+def dequantize_4bit(q, dtype: torch.dtype) -> torch.Tensor:
+    """W ``[out, in]`` from bitsandbytes' 4-bit storage (``peftops.ops.dequant.Quant4bit``):
+    element e is nibble e of the packed bytes (high nibble first), ``W[e] = code[nibble] *
+    absmax[e // blocksize]`` in fp32, rounded once to ``dtype``; with double quantisation
+    ``absmax[b] = code2[qabs[b]] * absmax2[b // nested_blocksize] + offset`` (two fp32 roundings)."""
+    from .ops.dequant import code_4bit
+
+    n = q.shape[0] * q.shape[1]
+    b = q.packed.reshape(-1)
+    nib = torch.stack([b >> 4, b & 15], dim=1).reshape(-1)[:n].long()
+    absmax = q.absmax
+    if q.nested:
+        absmax = q.code2[q.absmax.long()] * q.absmax2.repeat_interleave(q.nested_blocksize)[:q.absmax.numel()]
+        absmax = absmax + q.offset
+    w = code_4bit(q.quant_type, b.device)[nib] * absmax.float().repeat_interleave(q.blocksize)[:n]
+    return w.to(dtype).view(q.shape)
+
+
+def qlora_linear(x: torch.Tensor, weight, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                 scaling: float, *, dropout_p: float = 0.0, dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """LoRA over a 4-bit base: ``lora_linear`` with ``W = dequantize_4bit(weight, x.dtype)``
+    (bitsandbytes' forward: dequantise into x's dtype, then the matmul)."""
+    return lora_linear(x, dequantize_4bit(weight, x.dtype), bias, lora_A, lora_B, scaling, dropout_p=dropout_p,
+                       dropout_mask=dropout_mask)
