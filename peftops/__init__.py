@@ -19,6 +19,7 @@ from .ops.dequant import Quant4bit, dequantize_4bit, quantize_4bit
 
 # modules
 from .nn.lora import LoraLinear
+from .nn.qlora import QLoraLinear
 from .nn.ia3 import IA3Linear
 from .nn.adapter import BottleneckAdapter
 from .nn.fusion import AdapterFusion
@@ -36,7 +37,7 @@ __all__ = [
     "backend", "dispatch_counts", "force_path", "reset_dispatch_counts",
     "qlora_linear", "Quant4bit", "dequantize_4bit", "quantize_4bit",
     "lora_linear", "ia3_linear", "bottleneck_adapter", "adapter_fusion", "prefix_attention", "gated_lora_linear",
-    "LoraLinear", "IA3Linear", "BottleneckAdapter", "AdapterFusion", "PrefixEncoder",
+    "LoraLinear", "QLoraLinear", "IA3Linear", "BottleneckAdapter", "AdapterFusion", "PrefixEncoder",
     "GatedLoraLinear", "GatedBottleneckAdapter", "GatedPrefix", "UniPELT", "UniPELTConfig", "UniPELTLayer", "bitfit",
     "accelerate", "deaccelerate", "add_adapter", "set_active_adapters", "train_adapter", "save_adapter",
     "load_adapter", "BottleneckConfig", "FusionConfig",
