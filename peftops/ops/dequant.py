@@ -184,16 +184,18 @@ def check(q: Quant4bit, name: str = "weight") -> None:
 
 
 # ------------------------------------------------------------------------ quantiser
-def _blockwise_absmax_scaled(a: torch.Tensor, blocksize: int):
-    """(absmax per block, a scaled into [-1, 1]) over flat fp32 ``a``, the last block short."""
+def _blockwise_absmax_scaled(a: torch.Tensor, blocksize: int, *, clamp_short: bool = True):
+    """(absmax per block, a scaled into [-1, 1]) over flat fp32 ``a``, the last block short.
+    ``clamp_short``: the short block's absmax is stored clamped to >= 1e-38 (bitsandbytes'
+    4-bit quantiser does; its 8-bit CPU one, used for the nested absmax, stores it as is)."""
     n = a.numel()
     full = n - n % blocksize
     absmax = a[:full].view(-1, blocksize).abs().amax(-1)
     scaled = torch.clamp(a[:full].view(-1, blocksize) * (1.0 / absmax.clamp(min=1e-38)).view(-1, 1), -1, 1).reshape(-1)
     if full < n:
-        am = a[full:].abs().max().clamp(min=1e-38)
-        absmax = torch.cat([absmax, am.reshape(1)])
-        scaled = torch.cat([scaled, torch.clamp(a[full:] / am, -1, 1)])
+        am = a[full:].abs().max()
+        absmax = torch.cat([absmax, (am.clamp(min=1e-38) if clamp_short else am).reshape(1)])
+        scaled = torch.cat([scaled, torch.clamp(a[full:] / am.clamp(min=1e-38), -1, 1)])
     return absmax, scaled
 
 
@@ -228,7 +230,7 @@ def quantize_4bit(weight: torch.Tensor, *, blocksize: int = 64, quant_type: str 
         return Quant4bit(packed, absmax, shape, blocksize, quant_type, weight.dtype)
     offset = absmax.mean()
     centred = absmax - offset
-    absmax2, scaled2 = _blockwise_absmax_scaled(centred, 256)
+    absmax2, scaled2 = _blockwise_absmax_scaled(centred, 256, clamp_short=False)
     code2 = _dynamic_map_cpu().to(a.device)
     qabs = _nearest(scaled2, code2).to(torch.uint8)
     return Quant4bit(packed, qabs, shape, blocksize, quant_type, weight.dtype, absmax2, code2,
