@@ -50,12 +50,13 @@ def _dropout(tile, rows, cols, n_cols, seed, p, inv_keep):
 
 @triton.jit
 def _rank_r_epilogue(acc, s, rm, rn, M, N, R, store_s, s_ptr, stride_sm, stride_sr, e_ptr, stride_er, stride_en,
-                     rowscale_ptr, bias_ptr, scale, seed, p, inv_keep, op_ty: tl.constexpr,
-                     FUSE_S: tl.constexpr, HAS_ROWSCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     rowscale_ptr, colscale_ptr, bias_ptr, scale, seed, p, inv_keep, op_ty: tl.constexpr,
+                     FUSE_S: tl.constexpr, HAS_ROWSCALE: tl.constexpr, HAS_COLSCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
                      DROP_EPI: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                      EPI_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Both GEMMs' epilogue: acc + scale * rowscale * drop(S @ E) + bias for the tile at rows
-    rm, columns rn. S [BLOCK_M, r] (r padded to BLOCK_R >= 16) is the fused one (stored for
+    """Both GEMMs' epilogue: colscale * (acc + scale * rowscale * drop(S @ E)) + bias for the
+    tile at rows rm, columns rn (colscale: DoRA's m / n per output column, applied before
+    the bias, which DoRA does not scale). S [BLOCK_M, r] (r padded to BLOCK_R >= 16) is the fused one (stored for
     backward where ``store_s``) or read from s_ptr; the row gate and the scaling are folded
     into S first (a [BLOCK_M, BLOCK_R] multiply, not a [BLOCK_M, BLOCK_N] one). Rows /
     columns past the edge are wrapped (the caller masks or clips the store)."""
@@ -84,6 +85,8 @@ def _rank_r_epilogue(acc, s, rm, rn, M, N, R, store_s, s_ptr, stride_sm, stride_
         # One accumulator: BLOCK_R more K-steps of the same MMA, operands in the main loop's
         # dtype (S rounded to it, as the eager formula rounds x A^T; fp32 adapters cast here).
         acc = tl.dot(s.to(op_ty), e.to(op_ty), acc, input_precision=PRECISION)
+    if HAS_COLSCALE:
+        acc = acc * tl.load(colscale_ptr + rn_in)[None, :]                      # fp32 [N]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
     return acc
@@ -91,13 +94,14 @@ def _rank_r_epilogue(acc, s, rm, rn, M, N, R, store_s, s_ptr, stride_sm, stride_
 
 @triton.jit
 def lora_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, s_ptr, e_ptr, rowscale_ptr, a_ptr, out_ptr, part_ptr, part_s_ptr, arrived_ptr,
+    x_ptr, w_ptr, bias_ptr, s_ptr, e_ptr, rowscale_ptr, colscale_ptr, a_ptr, out_ptr, part_ptr, part_s_ptr,
+    arrived_ptr,
     M, N, K, R, k_per_split,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_sm, stride_sr,
     stride_er, stride_en, stride_ar, stride_ak, stride_om, stride_on,
     scale, seed, p, inv_keep,
-    HAS_BIAS: tl.constexpr, HAS_ROWSCALE: tl.constexpr, FUSE_S: tl.constexpr, STORE_S: tl.constexpr,
-    DROP_S: tl.constexpr, DROP_EPI: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ROWSCALE: tl.constexpr, HAS_COLSCALE: tl.constexpr, FUSE_S: tl.constexpr,
+    STORE_S: tl.constexpr, DROP_S: tl.constexpr, DROP_EPI: tl.constexpr, SPLIT_K: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, EPI_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
@@ -165,8 +169,8 @@ def lora_gemm_kernel(
             store_s = pid_n + (1 - last) == 0
         rows_out = M * last                                                     # (a mask the interpreter takes too)
     acc = _rank_r_epilogue(acc, s, rm, rn, M, N, R, store_s, s_ptr, stride_sm, stride_sr, e_ptr, stride_er,
-                           stride_en, rowscale_ptr, bias_ptr, scale, seed, p, inv_keep, x_ptr.dtype.element_ty,
-                           FUSE_S, HAS_ROWSCALE, HAS_BIAS, DROP_EPI, UPCAST, PRECISION, EPI_PRECISION, BLOCK_R)
+                           stride_en, rowscale_ptr, colscale_ptr, bias_ptr, scale, seed, p, inv_keep,
+                           x_ptr.dtype.element_ty, FUSE_S, HAS_ROWSCALE, HAS_COLSCALE, HAS_BIAS, DROP_EPI, UPCAST, PRECISION, EPI_PRECISION, BLOCK_R)
     out_ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm[:, None] < rows_out) & (rn[None, :] < N))
 
@@ -204,12 +208,12 @@ def _sum_splits(acc, s, tile, part_ptr, part_s_ptr, arrived_ptr, FUSE_S: tl.cons
 
 @triton.jit
 def lora_gemm_tma_kernel(
-    x_desc, w_desc, a_desc, out_desc, bias_ptr, s_ptr, e_ptr, rowscale_ptr,
+    x_desc, w_desc, a_desc, out_desc, bias_ptr, s_ptr, e_ptr, rowscale_ptr, colscale_ptr,
     M, N, K, R,
     stride_sm, stride_sr, stride_er, stride_en,
     scale, seed, p, inv_keep,
-    HAS_BIAS: tl.constexpr, HAS_ROWSCALE: tl.constexpr, FUSE_S: tl.constexpr, STORE_S: tl.constexpr,
-    W_NK: tl.constexpr, DROP_EPI: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, EPI_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ROWSCALE: tl.constexpr, HAS_COLSCALE: tl.constexpr, FUSE_S: tl.constexpr,
+    STORE_S: tl.constexpr, W_NK: tl.constexpr, DROP_EPI: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, EPI_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -231,22 +235,24 @@ def lora_gemm_tma_kernel(
         if STORE_S:
             store_s = off_n == 0
         acc = _rank_r_epilogue(acc, s, rm, rn, M, N, R, store_s, s_ptr, stride_sm, stride_sr, e_ptr, stride_er,
-                               stride_en, rowscale_ptr, bias_ptr, scale, seed, p, inv_keep, op_ty,
-                               FUSE_S, HAS_ROWSCALE, HAS_BIAS, DROP_EPI, UPCAST, PRECISION, EPI_PRECISION, BLOCK_R)
+                               stride_en, rowscale_ptr, colscale_ptr, bias_ptr, scale, seed, p, inv_keep, op_ty,
+                               FUSE_S, HAS_ROWSCALE, HAS_COLSCALE, HAS_BIAS, DROP_EPI, UPCAST, PRECISION, EPI_PRECISION, BLOCK_R)
         out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
 
 
 @triton.jit
 def lora_rank_add_kernel(
-    out_ptr, s_ptr, e_ptr, rowscale_ptr,
+    out_ptr, s_ptr, e_ptr, rowscale_ptr, colscale_ptr, bias_ptr,
     M, N, R,
     stride_om, stride_sm, stride_sr, stride_er, stride_en,
     scale, seed, p, inv_keep,
-    HAS_ROWSCALE: tl.constexpr, DROPOUT: tl.constexpr, EPI_PRECISION: tl.constexpr,
+    HAS_ROWSCALE: tl.constexpr, HAS_COLSCALE: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    EPI_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # out += scale * rowscale * drop(S @ E), in place: the small fused kernel beside a cuBLAS
-    # GEMM (the ``cublas`` path). One read and one write of out; S [M, r] fp32, E [r, N] in
+    # GEMM (the ``cublas`` path). With HAS_COLSCALE / HAS_BIAS (DoRA over a bias-free cuBLAS
+    # x W^T): out = colscale * (out + scale * S @ E) + bias. One read and one write of out; S [M, r] fp32, E [r, N] in
     # any float dtype (fp32 adapters over a half base are read as they are). Unit column
     # stride for out (the launcher makes sure).
     pid_m = tl.program_id(0)
@@ -286,8 +292,12 @@ def lora_rank_add_kernel(
         low = _dropout(low, rm, rn, N, seed, p, inv_keep)
     out_ptrs = out_ptr + rm64[:, None] * stride_om + rn[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
-    out = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptrs, (out + low).to(out_ptr.dtype.element_ty), mask=mask)
+    out = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32) + low
+    if HAS_COLSCALE:
+        out = out * tl.load(colscale_ptr + rn, mask=n_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -16,6 +16,7 @@ from .ops.unipelt import gated_lora_linear
 # QLoRA: LoRA over a bitsandbytes 4-bit base, and the shared 4-bit dequantiser
 from .ops.qlora import qlora_linear
 from .ops.dequant import Quant4bit, dequantize_4bit, quantize_4bit
+from .ops.dora import dora_linear
 
 # modules
 from .nn.lora import LoraLinear
@@ -37,6 +38,7 @@ __all__ = [
     "backend", "dispatch_counts", "force_path", "reset_dispatch_counts",
     "qlora_linear", "Quant4bit", "dequantize_4bit", "quantize_4bit",
     "lora_linear", "ia3_linear", "bottleneck_adapter", "adapter_fusion", "prefix_attention", "gated_lora_linear",
+    "dora_linear",
     "LoraLinear", "QLoraLinear", "IA3Linear", "BottleneckAdapter", "AdapterFusion", "PrefixEncoder",
     "GatedLoraLinear", "GatedBottleneckAdapter", "GatedPrefix", "UniPELT", "UniPELTConfig", "UniPELTLayer", "bitfit",
     "accelerate", "deaccelerate", "add_adapter", "set_active_adapters", "train_adapter", "save_adapter",

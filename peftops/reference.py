@@ -251,3 +251,50 @@ def qlora_linear(x: torch.Tensor, weight, bias: torch.Tensor | None, lora_A: tor
     (bitsandbytes' forward: dequantise into x's dtype, then the matmul)."""
     return lora_linear(x, dequantize_4bit(weight, x.dtype), bias, lora_A, lora_B, scaling, dropout_p=dropout_p,
                        dropout_mask=dropout_mask)
+
+# --------------------------------------------------------------------------- DoRA
+def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``n_i = ||W_i + scaling (B A)_i||`` over the input dim, ``[out]``, detached; in fp32 (float64
+    for float64 inputs). The direct form: it builds the ``[out, in]`` sum, as peft does."""
+    dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        return torch.linalg.norm(weight.to(dt) + scaling * (lora_B.to(dt) @ lora_A.to(dt)), dim=1)
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    *,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
+    weight_norm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = (m / n) * (x W^T + s (x A^T) B^T) + b``, n = ||W + s B A||_row detached.
+
+    With dropout (``dropout_p > 0``; ``dropout_mask`` 0/1 like x fixes the draw) the base
+    part of the direction runs on drop(x), as peft's DoRA layer does in training:
+    ``y = x W^T + b + (m/n - 1) (drop(x) W^T) + (m/n) s (drop(x) A^T) B^T``.
+    ``weight_norm`` (``[out]``) replaces the direct norm (a caller that has it already).
+    """
+    n = dora_weight_norm(weight, lora_A, lora_B, scaling) if weight_norm is None else weight_norm.detach()
+    c = magnitude / n.to(magnitude.dtype) if magnitude.dtype == torch.float64 else magnitude.float() / n.float()
+    ad = lora_A.dtype
+    if dropout_mask is not None:
+        xd = x * dropout_mask.to(x.dtype) / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
+        xd = F.dropout(x, dropout_p, training=True)
+    else:
+        xd = None
+    if xd is None:
+        u = F.linear(x, weight).to(c.dtype) + (F.linear(F.linear(x.to(ad), lora_A), lora_B) * scaling).to(c.dtype)
+        y = c * u
+        return (y if bias is None else y + bias.to(c.dtype)).to(x.dtype)
+    base = F.linear(x, weight, bias)
+    low = F.linear(F.linear(xd.to(ad), lora_A), lora_B) * scaling
+    y = base.to(c.dtype) + (c - 1) * F.linear(xd, weight).to(c.dtype) + c * low.to(c.dtype)
+    return y.to(x.dtype)

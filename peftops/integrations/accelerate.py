@@ -24,7 +24,8 @@ peft's layer class and the peftops module:
   hold; nothing is re-initialised, so state_dict keys, optimizer state and
   ``requires_grad`` flags are untouched, and ``deaccelerate(model)`` undoes the swap.
 
-Layers without a peftops kernel (DoRA and other LoRA variants, conv / embedding LoRA,
+DoRA adapters (``DoraLinearVariant``) run on ``peftops.dora_linear``. Layers without a
+peftops kernel (other LoRA variants, conv / embedding LoRA,
 quantised or wrapped bases, other tuners) stay peft's own; ``accelerate`` returns /
 attaches a summary naming what it swapped and what it left, with the reason, and logs it.
 """
@@ -91,8 +92,8 @@ class PeftopsLoraLinear(_PeftLoraLinear, LoraLinear):
             return "extra forward arguments (e.g. adapter_names)"
         if self.disable_adapters or self.merged:
             return None  # LoraLinear.forward runs the base layer alone (unmerging first)
-        if any(a in self.lora_variant for a in self.active_adapters):
-            return "LoRA variant (DoRA, ...)"
+        if any(a in self.lora_variant and not _is_dora_variant(self.lora_variant[a]) for a in self.active_adapters):
+            return "LoRA variant other than DoRA"
         if x.dtype != self.base_layer.weight.dtype:
             return "input dtype differs from the base weight's"
         if torch.is_autocast_enabled(x.device.type):
@@ -100,7 +101,28 @@ class PeftopsLoraLinear(_PeftLoraLinear, LoraLinear):
         return None
 
 
+    # peft's merge / unmerge, then the cached DoRA norms go (merge writes W through .data)
+    def merge(self, *args, **kwargs) -> None:
+        self.dora_cache_clear()
+        _PeftLoraLinear.merge(self, *args, **kwargs)
+        self.dora_cache_clear()
+
+    def unmerge(self, *args, **kwargs) -> None:
+        self.dora_cache_clear()
+        _PeftLoraLinear.unmerge(self, *args, **kwargs)
+        self.dora_cache_clear()
+
+
 _bind_peft_names(PeftopsLoraLinear, _PeftLoraLinear, LoraLinear)
+
+
+def _is_dora_variant(variant) -> bool:
+    """peft's DoRA on a dense Linear (``DoraLinearVariant``): taken by peftops.dora_linear."""
+    try:
+        from peft.tuners.lora.variants import DoraLinearVariant
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(variant, DoraLinearVariant) or variant is DoraLinearVariant
 
 
 def _lora_reason(layer) -> str | None:
@@ -113,8 +135,9 @@ def _lora_reason(layer) -> str | None:
         return f"base weight dtype {getattr(w, 'dtype', None)} is not a float type"
     if type(w) not in (torch.Tensor, nn.Parameter):
         return f"base weight is a {type(w).__name__} tensor subclass"
-    if layer.lora_variant:
-        kinds = sorted({type(v).__name__ for v in layer.lora_variant.values()})
+    other = {a: v for a, v in layer.lora_variant.items() if not _is_dora_variant(v)}
+    if other:
+        kinds = sorted({type(v).__name__ for v in other.values()})
         return f"LoRA variant {', '.join(kinds)} (adapters {sorted(layer.lora_variant)})"
     for name, drop in layer.lora_dropout.items():
         if not isinstance(drop, (nn.Dropout, nn.Identity)) or type(drop) not in (nn.Dropout, nn.Identity):

@@ -190,9 +190,10 @@ def _use_tma(x, w, fuse_a=None) -> bool:
             and (fuse_a is None or _tma_readable(fuse_a)))
 
 
-def _gemm(x, w, bias, s, e, rowscale, scale, out_dtype, *, seed=None, p=0.0, fuse_a=None):
-    """``out = x @ w + bias + scale * rowscale * drop(s @ e)``; x ``[M, K]``, w ``[K, N]``,
-    s ``[M, r]``, e ``[r, N]`` (any strides).
+def _gemm(x, w, bias, s, e, rowscale, scale, out_dtype, *, seed=None, p=0.0, fuse_a=None, colscale=None):
+    """``out = colscale * (x @ w + scale * rowscale * drop(s @ e)) + bias``; x ``[M, K]``,
+    w ``[K, N]``, s ``[M, r]``, e ``[r, N]`` (any strides); colscale ``[N]`` fp32 or None
+    (DoRA's m / n: the bias is not scaled).
 
     ``fuse_a`` (``[r, K]``): compute ``s = drop(x) fuse_a^T`` in the GEMM's main loop and write
     it into ``s`` (the dropout, if any, then acts on that x, not on the rank-r term); ``s``
@@ -222,10 +223,11 @@ def _gemm(x, w, bias, s, e, rowscale, scale, out_dtype, *, seed=None, p=0.0, fus
         tiles = -(-M // bm) * -(-N // bn)
         k.lora_gemm_tma_kernel[(min(tiles, sms),)](
             x_desc, w_desc, a_desc, out_desc, bias if bias is not None else out, s, e,
-            rowscale if rowscale is not None else s,
+            rowscale if rowscale is not None else s, colscale if colscale is not None else s,
             M, N, K, R, s.stride(0), s.stride(1), e.stride(0), e.stride(1),
             scale, int(seed) if seed is not None else 0, p, 1.0 / (1.0 - p),
-            HAS_BIAS=bias is not None, HAS_ROWSCALE=rowscale is not None, FUSE_S=fuse_a is not None,
+            HAS_BIAS=bias is not None, HAS_ROWSCALE=rowscale is not None, HAS_COLSCALE=colscale is not None,
+            FUSE_S=fuse_a is not None,
             STORE_S=fuse_a is not None and store_s, W_NK=w_nk, DROP_EPI=fuse_a is None and seed is not None,
             UPCAST=upcast_dots(x.dtype), PRECISION=dot_precision(x.dtype), EPI_PRECISION=epi,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, GROUP_M=cfg["GROUP_M"],
@@ -243,13 +245,15 @@ def _gemm(x, w, bias, s, e, rowscale, scale, out_dtype, *, seed=None, p=0.0, fus
         part, part_s, arrived = _split_scratch(x.device, splits * tiles, cfg["BLOCK_M"], cfg["BLOCK_N"],
                                                next_pow2(R))
     k.lora_gemm_kernel[(tiles, splits)](
-        x, w, bias if bias is not None else out, s, e, rowscale if rowscale is not None else s, a, out,
+        x, w, bias if bias is not None else out, s, e, rowscale if rowscale is not None else s,
+        colscale if colscale is not None else s, a, out,
         part, part_s, arrived,
         M, N, K, R, cfg["k_per_split"],
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
         e.stride(0), e.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
         scale, int(seed) if seed is not None else 0, p, 1.0 / (1.0 - p),
-        HAS_BIAS=bias is not None, HAS_ROWSCALE=rowscale is not None, FUSE_S=fuse, STORE_S=fuse and store_s,
+        HAS_BIAS=bias is not None, HAS_ROWSCALE=rowscale is not None, HAS_COLSCALE=colscale is not None,
+        FUSE_S=fuse, STORE_S=fuse and store_s,
         DROP_S=fuse and seed is not None, DROP_EPI=not fuse and seed is not None, SPLIT_K=splits > 1,
         UPCAST=upcast_dots(x.dtype), PRECISION=dot_precision(x.dtype), EPI_PRECISION=epi,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
@@ -282,32 +286,37 @@ def _split_scratch(device, parts, block_m, block_n, block_r):
     return part, part_s, arrived
 
 
-def _rank_add(out, s, e, rowscale, scale, *, seed=None, p=0.0):
+def _rank_add(out, s, e, rowscale, scale, *, seed=None, p=0.0, colscale=None, bias=None):
     """``out += scale * rowscale * drop(s @ e)`` in place; out ``[M, N]`` with unit column
-    stride (cuBLAS output), s ``[M, r]`` fp32, e ``[r, N]`` any strides and float dtype."""
+    stride (cuBLAS output), s ``[M, r]`` fp32, e ``[r, N]`` any strides and float dtype.
+    With ``colscale`` ``[N]`` fp32 / ``bias`` ``[N]``: ``out = colscale * (out + ...) + bias``."""
     k = kernels("lora")
     M, N = out.shape
     R = s.shape[1]
     assert out.stride(1) == 1, "rank-r add needs a unit column stride"
     cfg = k.rank_add_config(M, N, cpu_configs(out), dropout=seed is not None)
     k.lora_rank_add_kernel[(-(-M // cfg["BLOCK_M"]), -(-N // cfg["BLOCK_N"]))](
-        out, s, e, rowscale if rowscale is not None else s,
+        out, s, e, rowscale if rowscale is not None else s, colscale if colscale is not None else s,
+        bias if bias is not None else out,
         M, N, R, out.stride(0), s.stride(0), s.stride(1), e.stride(0), e.stride(1),
         scale, int(seed) if seed is not None else 0, p, 1.0 / (1.0 - p),
-        HAS_ROWSCALE=rowscale is not None, DROPOUT=seed is not None,
-        EPI_PRECISION="tf32" if out.dtype != torch.float32 else dot_precision(out.dtype),
+        HAS_ROWSCALE=rowscale is not None, HAS_COLSCALE=colscale is not None, HAS_BIAS=bias is not None,
+        DROPOUT=seed is not None, EPI_PRECISION="tf32" if out.dtype != torch.float32 else dot_precision(out.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=next_pow2(R), num_warps=cfg["num_warps"],
     )
     record_launch("lora_rank_add")
     return out
 
 
-def linear_rank_r(path, x, w, bias, s, e, rowscale, scale, *, seed=None, p=0.0):
-    """``x @ w + bias + scale * rowscale * drop(s @ e)`` by ``path`` (the LoRA forward with
-    w = W^T, e = B^T; its dx with w = W, e = A; gated LoRA the same): our GEMM with the
-    rank-r term in its accumulator (``kernel``), or cuBLAS and the in-place rank-r add."""
+def linear_rank_r(path, x, w, bias, s, e, rowscale, scale, *, seed=None, p=0.0, colscale=None):
+    """``colscale * (x @ w + scale * rowscale * drop(s @ e)) + bias`` by ``path`` (the LoRA
+    forward with w = W^T, e = B^T; its dx with w = W, e = A; gated LoRA the same; DoRA's
+    forward with colscale = m / n): our GEMM with the rank-r term in its accumulator
+    (``kernel``), or cuBLAS and the in-place rank-r add."""
     if path == "kernel":
-        return _gemm(x, w, bias, s, e, rowscale, scale, x.dtype, seed=seed, p=p)
+        return _gemm(x, w, bias, s, e, rowscale, scale, x.dtype, seed=seed, p=p, colscale=colscale)
+    if colscale is not None:                                                     # bias after the column scale
+        return _rank_add(torch.mm(x, w), s, e, rowscale, scale, seed=seed, p=p, colscale=colscale, bias=bias)
     out = torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)           # cuBLAS, bias in its epilogue
     return _rank_add(out, s, e, rowscale, scale, seed=seed, p=p)
 
@@ -319,6 +328,13 @@ def _lora_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward on 2-D x: returns (y [T, out], S = drop(x) A^T [T, r] fp32; [0, r] when not
     ``need_s``: inference, where a GEMM that makes S keeps it on chip and allocates nothing)."""
+    return forward_rows(x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed, path, need_s)
+
+
+def forward_rows(x, weight, bias, lora_A, lora_B, gate, scaling, dropout_p, seed, path="kernel", need_s=True, *,
+                 colscale=None):
+    """``_lora_fwd``'s launches, with an optional per-output-column scale riding in the
+    epilogue (DoRA: ``y = colscale * (x W^T + s S B^T) + b``, peftops/ops/dora.py)."""
     T, r = x.shape[0], lora_A.shape[0]
     if T == 0:
         return x.new_empty((0, weight.shape[0])), x.new_empty((0, r), dtype=torch.float32)
@@ -328,10 +344,11 @@ def _lora_fwd(
     if path == "kernel" and fuse:                                                # one launch: S made in the GEMM
         s = empty((T, r), torch.float32, x.device) if need_s else None
         y = _gemm(x, weight.t(), bias, s, lora_B.t(), gate, scaling, x.dtype, seed=seed_v, p=dropout_p,
-                  fuse_a=lora_A)
+                  fuse_a=lora_A, colscale=colscale)
         return y, (s if need_s else x.new_empty((0, r), dtype=torch.float32))
     s, _ = _skinny(x, e=lora_A.t(), seed=seed_v, p=dropout_p)                    # S = drop(x) A^T
-    y = linear_rank_r(path, x, weight.t(), bias, s, lora_B.t(), gate, scaling)   # y = x W^T + b + g s S B^T
+    y = linear_rank_r(path, x, weight.t(), bias, s, lora_B.t(), gate, scaling,   # y = x W^T + b + g s S B^T
+                      colscale=colscale)
     return y, (s if need_s else s[:0])
 
 
