@@ -14,7 +14,7 @@ from .ops.fusion import adapter_fusion
 from .ops.prefix_attention import prefix_attention
 from .ops.unipelt import gated_lora_linear
 # QLoRA: LoRA over a bitsandbytes 4-bit base, and the shared 4-bit dequantiser
-from .ops.qlora import qlora_linear
+from .ops.qlora import qdora_linear, qlora_linear
 from .ops.dequant import Quant4bit, dequantize_4bit, quantize_4bit
 from .ops.dora import dora_linear
 
@@ -36,7 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "backend", "dispatch_counts", "force_path", "reset_dispatch_counts",
-    "qlora_linear", "Quant4bit", "dequantize_4bit", "quantize_4bit",
+    "qlora_linear", "qdora_linear", "Quant4bit", "dequantize_4bit", "quantize_4bit",
     "lora_linear", "ia3_linear", "bottleneck_adapter", "adapter_fusion", "prefix_attention", "gated_lora_linear",
     "dora_linear",
     "LoraLinear", "QLoraLinear", "IA3Linear", "BottleneckAdapter", "AdapterFusion", "PrefixEncoder",

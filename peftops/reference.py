@@ -298,3 +298,11 @@ def dora_linear(
     low = F.linear(F.linear(xd.to(ad), lora_A), lora_B) * scaling
     y = base.to(c.dtype) + (c - 1) * F.linear(xd, weight).to(c.dtype) + c * low.to(c.dtype)
     return y.to(x.dtype)
+
+
+def qdora_linear(x: torch.Tensor, weight, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                 magnitude: torch.Tensor, scaling: float, *, dropout_p: float = 0.0,
+                 dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """DoRA over a 4-bit base (QDoRA): ``dora_linear`` with ``W = dequantize_4bit(weight, x.dtype)``."""
+    return dora_linear(x, dequantize_4bit(weight, x.dtype), bias, lora_A, lora_B, magnitude, scaling,
+                       dropout_p=dropout_p, dropout_mask=dropout_mask)

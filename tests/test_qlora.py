@@ -433,8 +433,9 @@ def test_qlora_module_standalone(device):
 
 
 # ----------------------------------------------------------------------------- tiny Llama in 4-bit
-@pytest.mark.parametrize("double_quant,quant_type", [(True, "nf4"), (False, "fp4")])
-def test_tiny_llama_4bit_accelerated_equals_peft(tmp_path, double_quant, quant_type, device):
+@pytest.mark.parametrize("double_quant,quant_type,use_dora", [(True, "nf4", False), (False, "fp4", False),
+                                                              (True, "nf4", True)], ids=["nf4-dq", "fp4", "qdora"])
+def test_tiny_llama_4bit_accelerated_equals_peft(tmp_path, double_quant, quant_type, use_dora, device):
     """A small random Llama saved and loaded back through transformers' BitsAndBytesConfig
     (4-bit), LoRA on every linear layer (B non-zero), accelerated: every 4-bit LoRA layer
     swapped, logits and every LoRA gradient equal to peft's, at a decode-sized and a
@@ -456,7 +457,7 @@ def test_tiny_llama_4bit_accelerated_equals_peft(tmp_path, double_quant, quant_t
                                                  device_map={"": str(device)})
         torch.manual_seed(1)
         models.append(get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
-                                                       init_lora_weights=False)))
+                                                       init_lora_weights=False, use_dora=use_dora)))
     peft_model, ours = models
     for (n, p), (n2, p2) in zip(peft_model.named_parameters(), ours.named_parameters()):
         assert n == n2 and torch.equal(p, p2), n
@@ -475,11 +476,94 @@ def test_tiny_llama_4bit_accelerated_equals_peft(tmp_path, double_quant, quant_t
             results.append((logits, grads, peftops.dispatch_counts()))
         (want, want_g, _), (got, got_g, counts) = results
         assert_close(f"logits ({path})", got, want, 2e-5)
-        assert want_g.keys() == got_g.keys() and len(got_g) == 4 * len(targets)
+        assert want_g.keys() == got_g.keys() and len(got_g) == (6 if use_dora else 4) * len(targets)
         for name in want_g:
             assert_close(f"{name} ({path})", got_g[name], want_g[name], 2e-5)
-        assert counts.get("qlora.triton") == 2 * len(targets), counts
-        assert counts.get(f"qlora.path:{path}") == 2 * len(targets), counts
+        op = "qdora" if use_dora else "qlora"
+        assert counts.get(f"{op}.triton") == 2 * len(targets), counts
+        if not use_dora:
+            assert counts.get(f"qlora.path:{path}") == 2 * len(targets), counts
         assert counts.get("launch.dequant_4bit", 0) > 0 and not counts.get("accelerate.qlora.peft_forward"), counts
-        if path == "gemv":
+        if path == "gemv" and not use_dora:
             assert counts.get("launch.qlora_gemv") == 2 * len(targets), counts
+
+
+# ----------------------------------------------------------------------------- QDoRA: DoRA over a 4-bit base
+def test_qdora_linear_parity_and_memory():
+    """``qdora_linear`` (our quantiser, no bitsandbytes) vs the float64 DoRA formula on the
+    dequantised W: output and dx, dA, dB, dm; nothing W-sized saved for backward; W
+    dequantised once in forward (the norm pass and the GEMM share it), once in backward."""
+    n_out, n_in, r = 96, 128, 5
+    for rows, dtype in (((2, 5), torch.float32), ((80,), torch.float32), ((7,), torch.bfloat16)):
+        args = qlora_case(rows, n_in, n_out, r, blocksize=64, double_quant=True)
+        args["magnitude"] = (torch.rand(n_out, dtype=torch.float64, device=DEVICE) + 0.5)
+
+        def ref(x, weight, **rest):
+            return reference.dora_linear(x, reference.dequantize_4bit(weight, dtype).double(), **rest)
+        peftops.reset_dispatch_counts()
+        check_parity(peftops.qdora_linear, ref, args, ["x", "lora_A", "lora_B", "magnitude", "bias"], dtype,
+                     op_kwargs=dict(scaling=0.75), ref_kwargs=dict(scaling=0.75))
+        counts = peftops.dispatch_counts()
+        assert counts.get("qdora.triton") == 1 and counts.get("launch.dequant_4bit") == 2, counts
+        x = args["x"].to(dtype).requires_grad_()
+        with SavedTensors() as saved:
+            peftops.qdora_linear(x, args["weight"], None, args["lora_A"].to(dtype).requires_grad_(),
+                                 args["lora_B"].to(dtype), args["magnitude"].float().requires_grad_(), 0.75)
+        assert saved.saved and not saved.w_sized(n_out, n_in), saved.saved
+
+
+def test_qdora_dropout_and_float64_fall_back_visibly():
+    args = qlora_case((6,), 64, 16, 4)
+    m = torch.rand(16, device=DEVICE) + 0.5
+    x, a, b = args["x"].float(), args["lora_A"].float(), args["lora_B"].float()
+    peftops.reset_dispatch_counts()
+    peftops.qdora_linear(x, args["weight"], None, a, b, m, 1.0, dropout_p=0.1)
+    peftops.qdora_linear(args["x"], args["weight"], None, args["lora_A"], args["lora_B"], m.double(), 1.0)
+    counts = peftops.dispatch_counts()
+    assert counts.get("qdora.fallback:dropout") == 1 and counts.get("qdora.fallback:float64") == 1, counts
+    with pytest.raises(ValueError, match=r"magnitude has shape \(15,\) but weight \(16, 64\)"):
+        peftops.qdora_linear(x, args["weight"], None, a, b, m[:15], 1.0)
+
+
+@pytest.mark.parametrize("rows", [(5,), (80,)], ids=["T5", "T80"])
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_accelerated_qdora_layer_vs_peft(compute_dtype, rows, device):
+    """peft's lora.bnb.Linear4bit with use_dora=True, accelerated: output and dx, dA, dB, dm
+    against peft's own layer and float64 on the dequantised weights (ours <= 1.5x peft's error)."""
+    from peft import LoraConfig
+    from peft.tuners.lora.bnb import Linear4bit
+
+    n_in, n_out, r = 128, 48, 4
+    base = bnb_layer(n_in, n_out, quant_type="nf4", blocksize=64, double_quant=True, compute_dtype=compute_dtype,
+                     bias=True, device=device)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, use_dora=True, init_lora_weights=False)
+    peft_layer = Linear4bit(base, "default", cfg, r=r, lora_alpha=2 * r, use_dora=True, init_lora_weights=False)
+    with torch.no_grad():
+        peft_layer.lora_magnitude_vector["default"].weight.mul_(torch.rand(n_out, device=device) + 0.5)
+    ours, summary = peftops.accelerate(copy.deepcopy(peft_layer), return_summary=True)
+    assert summary.swapped and not summary.left, summary
+    x = torch.randn(*rows, n_in, device=device).to(compute_dtype)
+    dy = torch.randn(*rows, n_out, device=device).to(compute_dtype)
+
+    def run(layer):
+        xx = x.detach().clone().requires_grad_()
+        y = layer(xx)
+        y.backward(dy)
+        return (y, xx.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad,
+                layer.lora_magnitude_vector["default"].weight.grad)
+
+    peftops.reset_dispatch_counts()
+    got = run(ours)
+    assert peftops.dispatch_counts().get("qdora.triton") == 1, peftops.dispatch_counts()
+    want = run(peft_layer)
+    w64 = peftops.dequantize_4bit(Quant4bit.from_bnb(base.weight), compute_dtype).double()
+    x64 = x.double().requires_grad_()
+    p64 = [t.detach().double().requires_grad_() for t in (peft_layer.lora_A["default"].weight,
+                                                          peft_layer.lora_B["default"].weight,
+                                                          peft_layer.lora_magnitude_vector["default"].weight)]
+    y64 = reference.dora_linear(x64, w64, base.bias.double(), p64[0], p64[1], p64[2], peft_layer.scaling["default"])
+    y64.backward(dy.double())
+    for name, g, p, ref in zip(("y", "dx", "dA", "dB", "dm"), got, want, (y64, x64.grad, *(t.grad for t in p64))):
+        err_ours, err_peft = rel_err(g, ref), rel_err(p, ref)
+        bound = max(BOUNDS[torch.float32], 1.5 * err_peft + 1e-3 * (compute_dtype != torch.float32))
+        assert err_ours <= bound, f"{name}: ours {err_ours:.3e} vs peft {err_peft:.3e} off float64 (bound {bound:.3e})"

@@ -15,7 +15,7 @@ from peft.tuners.lora.bnb import Linear4bit as PeftLoraLinear4bit
 from ..nn.lora import LoraLinear
 from ..nn.qlora import QLoraLinear, compute_dtype
 from ..ops.dequant import Quant4bit
-from .accelerate import _bind_peft_names, _count
+from .accelerate import _bind_peft_names, _count, _is_dora_variant
 
 
 class PeftopsLoraLinear4bit(PeftLoraLinear4bit, QLoraLinear):
@@ -34,13 +34,28 @@ class PeftopsLoraLinear4bit(PeftLoraLinear4bit, QLoraLinear):
             return "extra forward arguments (e.g. adapter_names)"
         if self.disable_adapters or self.merged:
             return None  # QLoraLinear.forward runs the base layer alone (unmerging first)
-        if any(a in self.lora_variant for a in self.active_adapters):
-            return "LoRA variant (DoRA, ...)"
+        variants = [a for a in self.active_adapters if a in self.lora_variant]
+        if any(not _is_dora_variant(self.lora_variant[a]) for a in variants):
+            return "LoRA variant other than DoRA"
+        if variants and len(self.active_adapters) > 1:
+            return "DoRA over a 4-bit base with several active adapters"
         if torch.is_autocast_enabled(x.device.type):
             return "autocast"
         if x.dtype != compute_dtype(self.base_layer, x):
             return "input dtype differs from the 4-bit layer's compute dtype"
         return _weight_reason(self.base_layer)
+
+    # peft's merge / unmerge (dequantise, add, requantise: a new 4-bit weight), then the
+    # cached DoRA norms go
+    def merge(self, *args, **kwargs) -> None:
+        self.dora_cache_clear()
+        PeftLoraLinear4bit.merge(self, *args, **kwargs)
+        self.dora_cache_clear()
+
+    def unmerge(self, *args, **kwargs) -> None:
+        self.dora_cache_clear()
+        PeftLoraLinear4bit.unmerge(self, *args, **kwargs)
+        self.dora_cache_clear()
 
     def _get_name(self) -> str:  # repr as peft's own layer: "lora.Linear4bit(...)"
         return PeftLoraLinear4bit.__name__
@@ -68,9 +83,10 @@ def qlora_reason(layer) -> str | None:
     reason = _weight_reason(base)
     if reason is not None:
         return reason
-    if layer.lora_variant:
-        kinds = sorted({type(v).__name__ for v in layer.lora_variant.values()})
-        return f"LoRA variant {', '.join(kinds)} over a 4-bit base (adapters {sorted(layer.lora_variant)})"
+    other = {a: v for a, v in layer.lora_variant.items() if not _is_dora_variant(v)}
+    if other:
+        kinds = sorted({type(v).__name__ for v in other.values()})
+        return f"LoRA variant {', '.join(kinds)} over a 4-bit base (adapters {sorted(other)})"
     for name, drop in layer.lora_dropout.items():
         if type(drop) not in (nn.Dropout, nn.Identity):
             return f"adapter {name!r} uses dropout module {type(drop).__name__}"

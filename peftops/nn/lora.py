@@ -272,6 +272,12 @@ class LoraLinear(nn.Module):
         a subclass over another kind of base layer (4-bit: ``QLoraLinear``) runs its own op."""
         return lora_linear(x, self._base_weight(), bias, lora_A, lora_B, scaling, dropout_p=dropout_p)
 
+    def _fused_dora_linear(self, x, bias, lora_A, lora_B, magnitude, scaling: float, dropout_p: float,
+                           norm_cache) -> torch.Tensor:
+        """The first DoRA adapter's fused call (a 4-bit base: ``QLoraLinear`` runs its own op)."""
+        return dora_linear(x, self._base_weight(), bias, lora_A, lora_B, magnitude, scaling, dropout_p=dropout_p,
+                           norm_cache=norm_cache)
+
     def _adapter_weights(self, name: str, dt: torch.dtype):
         """(A, B, as given) for the kernels: fp32 adapters over a half x as they are, other
         mismatches cast to x's dtype (a cast copy is not the parameter: ``as_given`` False)."""
@@ -295,7 +301,7 @@ class LoraLinear(nn.Module):
             mag = self.lora_magnitude_vector[name].weight if name in self.lora_magnitude_vector else None
             if y is None:
                 if mag is not None:
-                    y = dora_linear(x, w, bias, a, b, mag, s, dropout_p=p, norm_cache=cache if as_given else None)
+                    y = self._fused_dora_linear(x, bias, a, b, mag, s, p, cache if as_given else None)
                 else:
                     lb = self.lora_B[name].bias.to(dt) * s if self.lora_bias[name] else None
                     bb = bias if lb is None else (lb if bias is None else bias + lb)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.dequant import Quant4bit
-from ..ops.qlora import qlora_linear
+from ..ops.qlora import qdora_linear, qlora_linear
 from .lora import LoraLinear
 
 __all__ = ["QLoraLinear", "quant_weight", "compute_dtype"]
@@ -57,6 +57,13 @@ class QLoraLinear(LoraLinear):
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
         return qlora_linear(x, quant_weight(self.base_layer), bias, lora_A, lora_B, scaling, dropout_p=dropout_p)
+
+    def _fused_dora_linear(self, x, bias, lora_A, lora_B, magnitude, scaling: float, dropout_p: float,
+                           norm_cache) -> torch.Tensor:
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        return qdora_linear(x, quant_weight(self.base_layer), bias, lora_A, lora_B, magnitude, scaling,
+                            dropout_p=dropout_p, norm_cache=norm_cache)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise NotImplementedError("QLoraLinear does not merge into a 4-bit weight (dequantise, add, requantise "

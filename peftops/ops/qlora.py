@@ -22,10 +22,11 @@ import torch
 from .. import _checks, reference
 from .._dispatch import PathTable, _bump, interpreting, record_launch, use_triton
 from .._launch import cpu_configs, dot_precision, empty, kernels, new_seed, next_pow2, num_sms, rows, upcast_dots
+from . import dora as _dora
 from . import lora as _lora
 from .dequant import COMPUTE_DTYPES, Quant4bit, check as check_quant, code_4bit, dequant_into, workspace
 
-__all__ = ["qlora_linear", "PATHS"]
+__all__ = ["qlora_linear", "qdora_linear", "PATHS"]
 
 # On CUDA, first matching row wins (T rows, d_in, d_out, r); structural limits of the gemv
 # path (T <= 64, even in % blocksize == 0) are applied after the table.
@@ -176,3 +177,81 @@ def _gemv(x, q, bias, s, lora_B, scaling):
     )
     record_launch("qlora_gemv", "nested" if nested else None)
     return out
+
+
+# ------------------------------------------------------------------------ QDoRA
+def qdora_linear(
+    x: torch.Tensor,
+    weight: Quant4bit,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    *,
+    dropout_p: float = 0.0,
+    norm_cache: "_dora.DoraNormCache | None" = None,
+) -> torch.Tensor:
+    """DoRA over a 4-bit base: ``y = (m / ||W + s B A||_row) * (x W^T + s (x A^T) B^T) + b``,
+    W the 4-bit ``weight`` dequantised into x's dtype (``peftops.dora_linear``'s math and
+    kernels; see peftops/ops/dora.py).
+
+    W is dequantised into the shared workspace at each point of use (the norm pass and the
+    base GEMM in forward, dx in backward) and never saved; ``norm_cache`` keys ``||W||^2``
+    and n by the packed 4-bit tensor. Dropout > 0 (training) runs the reference formula,
+    counted as ``qdora.fallback`` (peft's form needs drop(x) W^T with autograd through W)."""
+    scaling, dropout_p = _check(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    _checks.tensor("magnitude", magnitude, ndim=1)
+    if magnitude.shape[0] != weight.shape[0]:
+        raise ValueError(f"magnitude has shape {tuple(magnitude.shape)} but weight {weight.shape} has "
+                         f"{weight.shape[0]} outputs: expected [{weight.shape[0]}]")
+    if magnitude.dtype not in (lora_A.dtype, torch.float32):
+        raise TypeError(f"magnitude has dtype {magnitude.dtype}: expected lora_A's ({lora_A.dtype}) or float32")
+    _checks.same_device("x", x, magnitude=magnitude)
+    unsupported = "float64" if x.dtype == torch.float64 else ("dropout" if dropout_p > 0.0 else None)
+    if not use_triton("qdora", x, weight.packed, bias, lora_A, lora_B, magnitude, unsupported=unsupported):
+        return reference.qdora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=dropout_p)
+    if torch.compiler.is_compiling():
+        norm_cache = None
+    w = _dequant_workspace(weight, x.dtype)                 # forward's one W: the norm pass and the base GEMM
+    n = norm_cache.get_norm(weight.packed, lora_A, lora_B, scaling) if norm_cache is not None else None
+    if n is None:
+        wsq = norm_cache.get_wsq(weight.packed) if norm_cache is not None else None
+        n, wsq = _dora.norm_rows(w, lora_A, lora_B, scaling, wsq)
+        if norm_cache is not None:
+            norm_cache.put_wsq(weight.packed, wsq)
+            norm_cache.put_norm(weight.packed, lora_A, lora_B, scaling, n)
+    T = x.numel() // max(x.shape[-1], 1)
+    path = _dora.PATHS.pick(x.is_cuda, T=T, d_in=weight.shape[1], d_out=weight.shape[0], r=lora_A.shape[0])
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, bias, lora_A, lora_B, magnitude)):
+        return _QDoraFn.apply(x, w, bias, lora_A, lora_B, magnitude, n, scaling, path, weight.meta(),
+                              *weight.tensors())
+    x2 = rows(x)
+    y2 = _dora._fwd_rows(x2, w, bias, lora_A, lora_B, magnitude, n, scaling, path, False)[0]
+    return y2.view(*x.shape[:-1], weight.shape[0])
+
+
+class _QDoraFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, bias, lora_A, lora_B, magnitude, n, scaling, path, meta, *qt):
+        # w: the workspace the caller dequantised into (read here, never saved)
+        x2 = rows(x)
+        y2, s, c = _dora._fwd_rows(x2, w, bias, lora_A, lora_B, magnitude, n, scaling, path, True)
+        ctx.save_for_backward(x2, bias, lora_A, lora_B, magnitude, n, s, c, y2, *qt)
+        ctx.scaling, ctx.lead, ctx.path, ctx.meta = scaling, x.shape[:-1], path, meta
+        return y2.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, bias, lora_A, lora_B, magnitude, n, s, c, y2, *qt = ctx.saved_tensors
+        need_x, _, need_b, need_a, need_bb, need_m = ctx.needs_input_grad[:6]
+        dy2 = rows(dy)
+        # dx = dY' W (and a column with m = 0) needs W: dequantised again, into the workspace
+        w = _dequant_workspace(Quant4bit.rebuild(qt, ctx.meta), x2.dtype)
+        dx2, d_a, d_b, d_m, _ = _dora._bwd_rows(dy2, y2, x2, w, bias, lora_A, lora_B, magnitude, n, s, c,
+                                                ctx.scaling, need_x, ctx.path)
+        dx = dx2.view(*ctx.lead, x2.shape[1]) if need_x else None
+        db = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if need_b else None
+        return ((dx, None, db, d_a if need_a else None, d_b if need_bb else None, d_m if need_m else None)
+                + (None,) * (4 + len(qt)))
