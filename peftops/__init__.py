@@ -13,10 +13,14 @@ from .ops.adapter import bottleneck_adapter
 from .ops.fusion import adapter_fusion
 from .ops.prefix_attention import prefix_attention
 from .ops.unipelt import gated_lora_linear
+# QLoRA: LoRA over a bitsandbytes 4-bit base, and the shared 4-bit dequantiser
+from .ops.qlora import qdora_linear, qlora_linear
+from .ops.dequant import Quant4bit, dequantize_4bit, quantize_4bit
 from .ops.dora import dora_linear
 
 # modules
 from .nn.lora import LoraLinear
+from .nn.qlora import QLoraLinear
 from .nn.ia3 import IA3Linear
 from .nn.adapter import BottleneckAdapter
 from .nn.fusion import AdapterFusion
@@ -32,9 +36,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "backend", "dispatch_counts", "force_path", "reset_dispatch_counts",
+    "qlora_linear", "qdora_linear", "Quant4bit", "dequantize_4bit", "quantize_4bit",
     "lora_linear", "ia3_linear", "bottleneck_adapter", "adapter_fusion", "prefix_attention", "gated_lora_linear",
     "dora_linear",
-    "LoraLinear", "IA3Linear", "BottleneckAdapter", "AdapterFusion", "PrefixEncoder",
+    "LoraLinear", "QLoraLinear", "IA3Linear", "BottleneckAdapter", "AdapterFusion", "PrefixEncoder",
     "GatedLoraLinear", "GatedBottleneckAdapter", "GatedPrefix", "UniPELT", "UniPELTConfig", "UniPELTLayer", "bitfit",
     "accelerate", "deaccelerate", "add_adapter", "set_active_adapters", "train_adapter", "save_adapter",
     "load_adapter", "BottleneckConfig", "FusionConfig",

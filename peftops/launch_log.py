@@ -60,13 +60,13 @@ def _install_spy() -> None:
             value = bound.get(p.name, p.default)
             if "constexpr" in str(p.annotation):
                 value = getattr(value, "value", value)
-                if p.name == "UPCAST":  # the interpreter's bf16 workaround; a GPU runs real bf16 dots
-                    value = False
+                if p.name in ("UPCAST", "SOFT_BF16"):  # the interpreter's bf16 workarounds (dots; the
+                    value = False                        # fp32 -> bf16 cast): a GPU runs the real ones
                 constexprs[p.name] = value
                 described.append(["constexpr", value])
             else:
                 described.append(_describe(value))
-        options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+        options = {k: kwargs[k] for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in kwargs}
         rec = {"module": self.fn.__module__, "name": self.fn.__name__, "args": described,
                "constexprs": constexprs, "options": options}
         _seen.setdefault(json.dumps(rec, sort_keys=True), rec)

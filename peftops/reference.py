@@ -226,6 +226,32 @@ def gated_lora_linear(
     return lora_linear(x, weight, bias, lora_A, lora_B, scaling, gate=g), g.detach()
 
 
+# --------------------------------------------------------------------------- QLoRA (4-bit base)
+def dequantize_4bit(q, dtype: torch.dtype) -> torch.Tensor:
+    """W ``[out, in]`` from bitsandbytes' 4-bit storage (``peftops.ops.dequant.Quant4bit``):
+    element e is nibble e of the packed bytes (high nibble first), ``W[e] = code[nibble] *
+    absmax[e // blocksize]`` in fp32, rounded once to ``dtype``; with double quantisation
+    ``absmax[b] = code2[qabs[b]] * absmax2[b // nested_blocksize] + offset`` (two fp32 roundings)."""
+    from .ops.dequant import code_4bit
+
+    n = q.shape[0] * q.shape[1]
+    b = q.packed.reshape(-1)
+    nib = torch.stack([b >> 4, b & 15], dim=1).reshape(-1)[:n].long()
+    absmax = q.absmax
+    if q.nested:
+        absmax = q.code2[q.absmax.long()] * q.absmax2.repeat_interleave(q.nested_blocksize)[:q.absmax.numel()]
+        absmax = absmax + q.offset
+    w = code_4bit(q.quant_type, b.device)[nib] * absmax.float().repeat_interleave(q.blocksize)[:n]
+    return w.to(dtype).view(q.shape)
+
+
+def qlora_linear(x: torch.Tensor, weight, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                 scaling: float, *, dropout_p: float = 0.0, dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """LoRA over a 4-bit base: ``lora_linear`` with ``W = dequantize_4bit(weight, x.dtype)``
+    (bitsandbytes' forward: dequantise into x's dtype, then the matmul)."""
+    return lora_linear(x, dequantize_4bit(weight, x.dtype), bias, lora_A, lora_B, scaling, dropout_p=dropout_p,
+                       dropout_mask=dropout_mask)
+
 # --------------------------------------------------------------------------- DoRA
 def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """``n_i = ||W_i + scaling (B A)_i||`` over the input dim, ``[out]``, detached; in fp32 (float64
@@ -272,3 +298,11 @@ def dora_linear(
     low = F.linear(F.linear(xd.to(ad), lora_A), lora_B) * scaling
     y = base.to(c.dtype) + (c - 1) * F.linear(xd, weight).to(c.dtype) + c * low.to(c.dtype)
     return y.to(x.dtype)
+
+
+def qdora_linear(x: torch.Tensor, weight, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                 magnitude: torch.Tensor, scaling: float, *, dropout_p: float = 0.0,
+                 dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """DoRA over a 4-bit base (QDoRA): ``dora_linear`` with ``W = dequantize_4bit(weight, x.dtype)``."""
+    return dora_linear(x, dequantize_4bit(weight, x.dtype), bias, lora_A, lora_B, magnitude, scaling,
+                       dropout_p=dropout_p, dropout_mask=dropout_mask)

@@ -9,5 +9,6 @@ METHODS = {
     "ia3": "peftops.benchmarks.ia3",
     "lora": "peftops.benchmarks.lora",
     "prefix_attention": "peftops.benchmarks.prefix_attention",
+    "qlora": "peftops.benchmarks.qlora",
     "unipelt": "peftops.benchmarks.unipelt",
 }

@@ -165,6 +165,19 @@ def _register_ia3() -> None:
 _register_ia3()
 
 
+def _register_qlora() -> None:
+    """QLoRA (peft's ``lora.bnb.Linear4bit``), when peft's bitsandbytes layer exists (see ``_qlora.py``)."""
+    try:
+        from . import _qlora
+    except ImportError as e:  # bitsandbytes not installed: peft defines no 4-bit LoRA layer
+        log.debug("peftops.accelerate: QLoRA not available: %s", e)
+        return
+    _REGISTRY[_qlora.PeftLoraLinear4bit] = (_qlora.PeftopsLoraLinear4bit, _qlora.qlora_reason, "qlora")
+
+
+_register_qlora()
+
+
 def accelerated_classes() -> dict[type, type]:
     """peft layer class -> the peftops class ``accelerate`` swaps it to."""
     return {k: v[0] for k, v in _REGISTRY.items()}

@@ -39,12 +39,9 @@ class LoraLinear(nn.Module):
                  lora_dropout: float = 0.0, *, use_rslora: bool = False, lora_bias: bool = False,
                  fan_in_fan_out: bool = False, init_lora_weights: bool | str = True, use_dora: bool = False):
         super().__init__()
-        weight = getattr(base_layer, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise TypeError(f"base_layer must have a 2-D weight (nn.Linear or Conv1D), got {type(base_layer).__name__}")
         self.base_layer = base_layer
         self.fan_in_fan_out = fan_in_fan_out
-        self.out_features, self.in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+        self.out_features, self.in_features = self._features(base_layer, fan_in_fan_out)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -59,6 +56,14 @@ class LoraLinear(nn.Module):
         self._active_adapters = [adapter_name]
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora=use_rslora,
                           lora_bias=lora_bias, init_lora_weights=init_lora_weights, use_dora=use_dora)
+
+    @staticmethod
+    def _features(base_layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int]:
+        """(out, in) of the frozen layer (a subclass over another base, e.g. 4-bit, says its own)."""
+        weight = getattr(base_layer, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise TypeError(f"base_layer must have a 2-D weight (nn.Linear or Conv1D), got {type(base_layer).__name__}")
+        return tuple(weight.shape[::-1] if fan_in_fan_out else weight.shape)
 
     # ------------------------------------------------------------------ adapters
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0, *,
@@ -256,11 +261,22 @@ class LoraLinear(nn.Module):
             if self.lora_bias[a]:
                 extra = self.lora_B[a].bias.to(dt) * self.scaling[a]
                 bias = extra if bias is None else bias + extra
-        y = lora_linear(x, self._base_weight(), bias, a_cat, b_cat, scaling, dropout_p=p[fused[0]])
+        y = self._fused_linear(x, bias, a_cat, b_cat, scaling, p[fused[0]])
         for a in active[len(fused):]:
             y = y + self.lora_B[a](self.lora_A[a](self.lora_dropout[a](x.to(self.lora_A[a].weight.dtype)))).to(dt) \
                 * self.scaling[a]
         return y
+
+    def _fused_linear(self, x, bias, lora_A, lora_B, scaling: float, dropout_p: float) -> torch.Tensor:
+        """The one fused call of ``forward`` (the frozen layer + the fused adapters' term);
+        a subclass over another kind of base layer (4-bit: ``QLoraLinear``) runs its own op."""
+        return lora_linear(x, self._base_weight(), bias, lora_A, lora_B, scaling, dropout_p=dropout_p)
+
+    def _fused_dora_linear(self, x, bias, lora_A, lora_B, magnitude, scaling: float, dropout_p: float,
+                           norm_cache) -> torch.Tensor:
+        """The first DoRA adapter's fused call (a 4-bit base: ``QLoraLinear`` runs its own op)."""
+        return dora_linear(x, self._base_weight(), bias, lora_A, lora_B, magnitude, scaling, dropout_p=dropout_p,
+                           norm_cache=norm_cache)
 
     def _adapter_weights(self, name: str, dt: torch.dtype):
         """(A, B, as given) for the kernels: fp32 adapters over a half x as they are, other
@@ -285,7 +301,7 @@ class LoraLinear(nn.Module):
             mag = self.lora_magnitude_vector[name].weight if name in self.lora_magnitude_vector else None
             if y is None:
                 if mag is not None:
-                    y = dora_linear(x, w, bias, a, b, mag, s, dropout_p=p, norm_cache=cache if as_given else None)
+                    y = self._fused_dora_linear(x, bias, a, b, mag, s, p, cache if as_given else None)
                 else:
                     lb = self.lora_B[name].bias.to(dt) * s if self.lora_bias[name] else None
                     bb = bias if lb is None else (lb if bias is None else bias + lb)
