@@ -13,6 +13,7 @@ from .ops.adapter import bottleneck_adapter
 from .ops.fusion import adapter_fusion
 from .ops.prefix_attention import prefix_attention
 from .ops.unipelt import gated_lora_linear
+from .ops.lora_multi import lora_linear_multi  # mixed-adapter batches (peft's adapter_names=)
 
 # modules
 from .nn.lora import LoraLinear
@@ -37,3 +38,4 @@ __all__ = [
     "accelerate", "deaccelerate", "add_adapter", "set_active_adapters", "train_adapter", "save_adapter",
     "load_adapter", "BottleneckConfig", "FusionConfig",
 ]
+__all__ += ["lora_linear_multi"]
