@@ -7,6 +7,7 @@ METHODS = {
     "fusion": "peftops.benchmarks.fusion",
     "ia3": "peftops.benchmarks.ia3",
     "lora": "peftops.benchmarks.lora",
+    "lora_multi": "peftops.benchmarks.lora_multi",
     "prefix_attention": "peftops.benchmarks.prefix_attention",
     "unipelt": "peftops.benchmarks.unipelt",
 }

@@ -80,6 +80,11 @@ class PeftopsLoraLinear(_PeftLoraLinear, LoraLinear):
     """peft's LoRA ``Linear`` whose forward runs ``peftops.lora_linear`` (see module doc)."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if kwargs.get("adapter_names") is not None:  # peft's mixed batches: peftops.lora_linear_multi
+            from ._lora_multi import mixed_batch_forward  # (integrations/_lora_multi.py; None: peft's forward)
+            y = mixed_batch_forward(self, x, args, kwargs)
+            if y is not None:
+                return y
         reason = self._peftops_unsupported(x, args, kwargs)
         if reason is not None:
             _count("accelerate.lora.peft_forward")

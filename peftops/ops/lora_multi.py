@@ -86,10 +86,13 @@ def adapter_rows(adapter_index, lead: tuple[int, ...], n: int, device) -> torch.
             raise TypeError(f"{name} must be an int32 / int64 tensor, got dtype {adapter_index.dtype}")
         idx = adapter_index
     elif isinstance(adapter_index, (list, tuple)):
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in adapter_index):
-            bad = next(type(v).__name__ for v in adapter_index if not isinstance(v, int) or isinstance(v, bool))
-            raise TypeError(f"{name} must hold Python ints, got a {bad}")
-        idx = torch.tensor(adapter_index, dtype=torch.int32) if adapter_index else torch.zeros(0, dtype=torch.int32)
+        bad = _non_int(adapter_index)
+        if bad is not None:
+            raise TypeError(f"{name} must hold Python ints (nested lists for per-token ids), got a {bad}")
+        try:
+            idx = torch.tensor(adapter_index, dtype=torch.int64)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name} is not a rectangular list of ints: {e}") from None
     else:
         raise TypeError(f"{name} must be an int tensor or a list of ints, got {type(adapter_index).__name__}")
     T = 1
@@ -108,6 +111,18 @@ def adapter_rows(adapter_index, lead: tuple[int, ...], n: int, device) -> torch.
             raise ValueError(f"{name} holds values in [{lo}, {hi}]: expected -1 (base only) or 0 .. {n - 1} "
                              f"for {n} adapters")
     return idx.reshape(-1).to(device=device, dtype=torch.int32, non_blocking=True)
+
+
+def _non_int(values):
+    """The type name of the first entry of a (nested) list that is not an int (bools are not)."""
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            bad = _non_int(v)
+            if bad is not None:
+                return bad
+        elif not isinstance(v, int) or isinstance(v, bool):
+            return type(v).__name__
+    return None
 
 
 def _check(x, weight, bias, lora_A, lora_B, scalings, adapter_index):
