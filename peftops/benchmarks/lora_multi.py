@@ -46,8 +46,10 @@ def _peft_layer(w, b, a, bb, scal, r):
     for i in range(1, a.shape[0]):
         layer.update_layer(f"a{i}", r, scal[i] * r, config=LoraConfig(r=r, lora_alpha=scal[i] * r))
     for i in range(a.shape[0]):
-        layer.lora_A[f"a{i}"].weight.data = a[i].detach().clone().requires_grad_(a.requires_grad)
-        layer.lora_B[f"a{i}"].weight.data = bb[i].detach().clone().requires_grad_(bb.requires_grad)
+        layer.lora_A[f"a{i}"].weight.data = a[i].detach().clone()
+        layer.lora_B[f"a{i}"].weight.data = bb[i].detach().clone()
+        layer.lora_A[f"a{i}"].weight.requires_grad_(a.requires_grad)  # every adapter trained (peft: the active one)
+        layer.lora_B[f"a{i}"].weight.requires_grad_(bb.requires_grad)
     layer.eval()
     return layer
 

@@ -47,7 +47,7 @@ def mixed_batch_forward(layer, x: torch.Tensor, args: tuple, kwargs: dict):
     reason = _unsupported(layer, x, used)
     if reason is not None:
         return _leave(reason)
-    a, b, scale = _stack(layer, names, x.dtype, x.device, train=any(
+    a, b, scale = _stack(layer, names, x.dtype, x.device, used, train=torch.is_grad_enabled() and any(
         layer.lora_A[n].weight.requires_grad or layer.lora_B[n].weight.requires_grad for n in used))
     idx = _index(layer, names, adapter_names, x.device)
     bias = getattr(layer.base_layer, "bias", None)
@@ -89,8 +89,10 @@ def _stack_dtype(layer, names, x_dtype):
     return x_dtype
 
 
-def _stack(layer, names, x_dtype, device, train: bool):
-    """(A [n, r_max, in], B [n, out, r_max], scalings [n] fp32) for the layer's adapters."""
+def _stack(layer, names, x_dtype, device, used, train: bool):
+    """(A [n, r_max, in], B [n, out, r_max], scalings [n] fp32) for the layer's adapters.
+    ``train``: built from the parameters of the adapters in ``used`` (the others detached, so
+    they get no gradient, as in peft, where rows of no adapter never touch it)."""
     dt = _stack_dtype(layer, names, x_dtype)
     key = (tuple(names), dt, str(device), tuple(float(layer.scaling[n]) for n in names),
            tuple(_param_key(layer.lora_A[n].weight) + _param_key(layer.lora_B[n].weight) for n in names))
@@ -99,10 +101,13 @@ def _stack(layer, names, x_dtype, device, train: bool):
         return cache[1]
     r_max = max(layer.lora_A[n].weight.shape[0] for n in names)
 
+    def w(mod, n):
+        return mod[n].weight if n in used else mod[n].weight.detach()
+
     def build():
-        a = torch.stack([nn.functional.pad(layer.lora_A[n].weight.to(dt), (0, 0, 0, r_max - layer.lora_A[n].weight.shape[0]))
+        a = torch.stack([nn.functional.pad(w(layer.lora_A, n).to(dt), (0, 0, 0, r_max - layer.lora_A[n].weight.shape[0]))
                          for n in names])
-        b = torch.stack([nn.functional.pad(layer.lora_B[n].weight.to(dt), (0, r_max - layer.lora_B[n].weight.shape[1]))
+        b = torch.stack([nn.functional.pad(w(layer.lora_B, n).to(dt), (0, r_max - layer.lora_B[n].weight.shape[1]))
                          for n in names])
         return a, b
 
