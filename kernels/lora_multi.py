@@ -9,7 +9,10 @@ Backward  G_t  = dY_t B_a                                                   [T, 
           dA_a = s_a sum_{t: a(t) = a} G_t^T x_t                            [r, in]
           dB_a = s_a sum_{t: a(t) = a} dY_t^T S_t                           [out, r]
 
-Three kernels, whatever the number of adapters in the batch (the frozen GEMMs are cuBLAS):
+Three kernels, whatever the number of adapters in the batch (the frozen GEMMs are cuBLAS),
+and a fourth for the ``fused`` path (``multi_gemm_tma_kernel``: the frozen GEMM on the
+shared TMA main loop with the grouped expand in its epilogue, many rows of a half base on
+sm_90):
 * ``multi_shrink_kernel``: P_t = X_t E_{a(t)} for E_a [K, r] given by strides (A_a^T for S,
   B_a for G). A program takes BLOCK_M row *positions*; with ``HAS_PERM`` position i is row
   perm[i] of a stable sort by adapter (SGMV: a block holds one or two adapters' segments),
@@ -32,6 +35,7 @@ import triton
 import triton.language as tl
 
 from . import cdiv
+from .gemm import tile_of, tma_mainloop
 
 
 @triton.jit
@@ -161,6 +165,56 @@ def multi_wgrad_kernel(
     tl.store(g_ptrs, acc, mask=c_ok[:, None] & (rr[None, :] < R))
 
 
+@triton.jit
+def multi_gemm_tma_kernel(
+    x_desc, w_desc, out_desc, bias_ptr, s_ptr, e_ptr, scale_ptr, idx_ptr,
+    M, N, K, R, n_adapters,
+    stride_sm, stride_sr, stride_ea, stride_er, stride_en,
+    HAS_BIAS: tl.constexpr, W_NK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # out = X @ W (+ bias) + s_a S_t E_a per row t, on the shared persistent TMA main loop
+    # (kernels/gemm.py): the grouped expand rides in the epilogue, so y is written once.
+    # Rows keep their order (a prefill tile of one sequence holds one adapter); the epilogue
+    # loops over the distinct adapters among the tile's rows, each BLOCK_R more K-steps of the
+    # single accumulator with the other rows' S masked to zero. Forward: X = x, W = weight^T,
+    # S = x A_a^T, E_a = B_a^T; backward dx: X = dY, W = weight, S = G = dY B_a, E_a = A_a.
+    op_ty = x_desc.dtype
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R)
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+        off_m, off_n = tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc, _ = tma_mainloop(x_desc, w_desc, x_desc, off_m, off_n, K, W_NK, False, UPCAST, PRECISION,
+                              BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+        rm = off_m + tl.arange(0, BLOCK_M)
+        rn = off_n + tl.arange(0, BLOCK_N)
+        rn_in = rn % N
+        m_ok = rm < M
+        a = tl.load(idx_ptr + rm, mask=m_ok, other=-1).to(tl.int32)
+        todo = m_ok & (a >= 0) & (a < n_adapters)
+        rm64 = rm.to(tl.int64)
+        while tl.max(todo.to(tl.int32), 0) > 0:
+            cur = tl.min(tl.where(todo, a, n_adapters), 0)
+            seg = todo & (a == cur)
+            s = tl.load(s_ptr + rm64[:, None] * stride_sm + rr[None, :] * stride_sr,
+                        mask=seg[:, None] & (rr[None, :] < R), other=0.0).to(tl.float32)
+            s = s * tl.load(scale_ptr + cur).to(tl.float32)
+            e = tl.load(e_ptr + cur.to(tl.int64) * stride_ea + rr[:, None] * stride_er
+                        + rn_in[None, :].to(tl.int64) * stride_en, mask=rr[:, None] < R, other=0.0)
+            if UPCAST:
+                acc = tl.dot(s, e.to(tl.float32), acc, input_precision=PRECISION)
+            else:
+                acc = tl.dot(s.to(op_ty), e.to(op_ty), acc, input_precision=PRECISION)
+            todo = todo & (a != cur)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
+        out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
+
+
+MIN_ARCH = {"multi_gemm_tma_kernel": 90}  # read by the launcher and by compile-check
+
+
 # --------------------------------------------------------------------------- launch configs
 DECODE_ROWS = 64  # up to here a row block is 16 rows (decode: one row per sequence)
 
@@ -198,3 +252,16 @@ def wgrad_config(T, C, n, interpret, want_programs):
     programs = n * cdiv(C, block_c)
     splits = max(1, min(16, want_programs // max(programs, 1), cdiv(T, 4 * block_m)))
     return dict(BLOCK_M=block_m, BLOCK_C=block_c, splits=splits, num_warps=4, num_stages=3)
+
+
+def tma_config(M, N, interpret, num_sms):
+    """``multi_gemm_tma_kernel``: the single-adapter TMA GEMM's tiles (kernels/lora.py
+    ``tma_config``: 128x256x64 / 8 warps / 3 stages while that fills the SMs, then 128x128,
+    then 64x128); its epilogue holds the same S / E tiles, once per adapter in the tile."""
+    if interpret:
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)
+    if cdiv(M, 128) * cdiv(N, 256) >= num_sms:
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    if cdiv(M, 128) * cdiv(N, 128) >= num_sms:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)

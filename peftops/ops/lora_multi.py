@@ -15,6 +15,11 @@ the call's shapes only (CUDA-graph capturable at a fixed batch). Two paths (``PA
   holds one adapter's segment (or the seam of two): E_a is read once per block.
 * ``bgmv``: rows as they come (decode: one row per sequence, sorting buys nothing); each
   row block loops over the adapters its rows hold.
+* ``fused``: many rows of a bf16 / fp16 base on sm_90 whose x and W TMA can read (else
+  ``sgmv``, counted as ``variant.lora_multi:fused_fallback``): the frozen GEMM is our
+  persistent TMA kernel with the grouped expand in its epilogue (rows in their order: a
+  prefill tile lies in one sequence, one adapter), S by the shrink (rows as they come), so
+  y is written once; the backward's dx the same way.
 Backward always sorts (the weight gradients walk each adapter's segment).
 
 Index validation: a CPU index (or a Python list) is checked on the host (``ValueError``
@@ -29,15 +34,20 @@ from typing import Sequence
 import torch
 
 from .. import _checks, reference
-from .._dispatch import PathTable, record_launch, use_triton
+from .._dispatch import PathTable, _bump, record_launch, use_triton
 from .._launch import cpu_configs, dot_precision, empty, kernels, next_pow2, num_sms, rows, upcast_dots
+from .lora import TARGET_SMS, _use_tma
 
 __all__ = ["lora_linear_multi", "adapter_rows", "PATHS"]
 
-PATHS = PathTable("lora_multi", paths=("sgmv", "bgmv"), default="sgmv", rows=[
+PATHS = PathTable("lora_multi", paths=("sgmv", "bgmv", "fused"), default="sgmv", rows=[
     (lambda T, **_: T <= 64, "bgmv",
      "unmeasured: decode rows are one per sequence, so a 16-row block holds up to 16 adapters "
      "whether sorted or not; bgmv saves the sort's launches. bench peftops[sgmv] / [bgmv] decide."),
+    (lambda T, **_: T >= 257, "fused",
+     "unmeasured: bench/MODEL.md -- the separate expand reads and writes y once more (45 us at "
+     "T = 8192, d = 4096: 0.12x the base GEMM); in the GEMM epilogue it costs a few MMA steps. "
+     "bench peftops[fused] / [sgmv] decide."),
     (lambda **_: True, "sgmv",
      "unmeasured: prefill segments; sorting reads each adapter's A / B once per row block of "
      "its segment. bench peftops[sgmv] / [bgmv] decide."),
@@ -177,6 +187,13 @@ def _forward(x, weight, bias, lora_A, lora_B, scale, idx, path, need_s=True):
     lead = x.shape[:-1]
     x2 = rows(x)
     T, n, R = x2.shape[0], lora_A.shape[0], lora_A.shape[1]
+    if T and path == "fused" and _use_tma(x2, weight.t()):
+        s = _shrink(x2, lora_A.transpose(1, 2), idx, None)                      # S = x A_a^T (rows in order)
+        y2 = _gemm_multi(x2, weight.t(), bias, s, lora_B.transpose(1, 2), scale, idx)  # y = x W^T + b + s_a S B_a^T
+        return y2.view(*lead, weight.shape[0]), x2, (s if need_s else None), None
+    if path == "fused" and T:
+        _bump("variant.lora_multi:fused_fallback")                              # (not a launch)
+        path = "sgmv"
     y2 = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())  # cuBLAS, once
     if T == 0:
         return y2.view(*lead, weight.shape[0]), x2, x2.new_zeros((0, R), dtype=torch.float32), None
@@ -193,7 +210,7 @@ class _MultiFn(torch.autograd.Function):
         y, x2, s, order = _forward(x, weight, bias, lora_A, lora_B, scale, idx, path)
         perm, offsets = order if order is not None else (None, None)
         ctx.save_for_backward(x2, weight, lora_A, lora_B, scale, idx, s, perm, offsets)
-        ctx.lead = x.shape[:-1]
+        ctx.lead, ctx.path = x.shape[:-1], path
         return y
 
     @staticmethod
@@ -213,8 +230,11 @@ class _MultiFn(torch.autograd.Function):
                 perm, offsets = _sort(idx, n)
             g = _shrink(dy2, lora_B, idx, perm)                                  # G = dY B_a      [T, r]
             if need_x:                                                           # dx = dY W + s_a G A_a
-                dx2 = torch.mm(dy2, weight)
-                _expand(dx2, g, lora_A, scale, idx, perm)
+                if ctx.path == "fused" and _use_tma(dy2, weight):
+                    dx2 = _gemm_multi(dy2, weight, None, g, lora_A, scale, idx)
+                else:
+                    dx2 = torch.mm(dy2, weight)
+                    _expand(dx2, g, lora_A, scale, idx, perm)
                 dx = dx2.view(*ctx.lead, x2.shape[1])
             if need_a:                                                           # dA_a = s_a G_a^T x_a
                 d_a = _wgrad(x2, g, scale, perm, offsets, n).transpose(1, 2).to(lora_A.dtype).contiguous()
@@ -297,3 +317,32 @@ def _wgrad(x, f, scale, perm, offsets, n):
     )
     record_launch("lora_multi_wgrad")
     return g[0] if splits == 1 else g.sum(0)
+
+
+def _gemm_multi(x, w, bias, s, e, scale, idx):
+    """``out = x @ w + bias + s_a S_t E_{a(t)}`` by ``multi_gemm_tma_kernel``; x ``[M, K]`` and
+    w ``[K, N]`` TMA-readable (``_use_tma``), s ``[M, r]`` fp32, e ``[n, r, N]`` any strides."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    k = kernels("lora_multi")
+    M, K = x.shape
+    N = w.shape[1]
+    n, R, _ = e.shape
+    out = empty((M, N), x.dtype, x.device)
+    sms = num_sms(x.device) if x.is_cuda else TARGET_SMS
+    cfg = k.tma_config(M, N, cpu_configs(x), sms)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    w_nk = w.stride(0) == 1
+    x_desc = TensorDescriptor.from_tensor(x, [bm, bk])
+    w_desc = TensorDescriptor.from_tensor(w.t(), [bn, bk]) if w_nk else TensorDescriptor.from_tensor(w, [bk, bn])
+    out_desc = TensorDescriptor.from_tensor(out, [bm, bn])
+    tiles = -(-M // bm) * -(-N // bn)
+    k.multi_gemm_tma_kernel[(min(tiles, sms),)](
+        x_desc, w_desc, out_desc, bias if bias is not None else out, s, e, scale, idx,
+        M, N, K, R, n, s.stride(0), s.stride(1), e.stride(0), e.stride(1), e.stride(2),
+        HAS_BIAS=bias is not None, W_NK=w_nk, UPCAST=upcast_dots(x.dtype), PRECISION=dot_precision(x.dtype),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=next_pow2(R), GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    record_launch("lora_multi_gemm_tma")
+    return out
