@@ -221,13 +221,14 @@ DECODE_ROWS = 64  # up to here a row block is 16 rows (decode: one row per seque
 
 def shrink_config(M, K, interpret, want_programs):
     """``multi_shrink_kernel``: row blocks of 16 (decode) or 64 rows, 64-deep K tiles, and K
-    split across programs until about ``want_programs`` run (decode has few row blocks: the
-    E reads need programs in flight), no split shallower than 512 columns."""
+    split across programs until about ``want_programs`` run: decode has 4 row blocks at 64
+    sequences, and its bytes are the adapters' A (64 x 128 KiB at r = 16, k = 4096), so its
+    splits go down to 128 columns (128 programs); prefill's to 512."""
     if interpret:
         return dict(BLOCK_M=32, BLOCK_K=64, splits=1, k_per_split=K, num_warps=4, num_stages=1)
     block_m = 16 if M <= DECODE_ROWS else 64
     m_blocks = cdiv(M, block_m)
-    splits = max(1, min(want_programs // max(m_blocks, 1), K // 512))
+    splits = max(1, min(want_programs // max(m_blocks, 1), K // (128 if M <= DECODE_ROWS else 512)))
     k_per_split = cdiv(cdiv(K, 64), splits) * 64
     return dict(BLOCK_M=block_m, BLOCK_K=64, splits=cdiv(K, k_per_split) if K else 1, k_per_split=k_per_split,
                 num_warps=4, num_stages=3)

@@ -179,3 +179,40 @@ def test_layer_launch_count_same_for_2_and_8_adapters(distinct):
             layer(x, adapter_names=names)
         seen[n] = {k: v for k, v in counts().items() if k.startswith("launch.")}
     assert seen[2] == seen[distinct] and seen[2].get("launch.lora_multi_shrink") == 1, seen
+
+
+def test_ia3_mixed_batch_as_peft():
+    """IA3 has no mixed batches in peft: whatever peft does with ``adapter_names=`` (here: the
+    name list never reaches its layers), the accelerated model does the same."""
+    from peft import IA3Config
+
+    plain = get_peft_model(tiny_llama(), IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                                   feedforward_modules=["down_proj"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in plain.named_parameters():
+            if "ia3_l" in n:
+                p.copy_(1 + torch.randn(p.shape, generator=g).to(p.device) * 0.3)
+    fast = copy.deepcopy(plain)
+    peftops.accelerate(fast)
+    outcome = []
+    for model in (plain, fast):
+        try:
+            with torch.no_grad():
+                outcome.append(model(input_ids=IDS.to(DEVICE), adapter_names=["default", "__base__"] * 2).logits)
+        except Exception as e:  # noqa: BLE001 -- the same error either way
+            outcome.append((type(e), str(e)))
+    if isinstance(outcome[0], torch.Tensor):
+        assert isinstance(outcome[1], torch.Tensor) and rel_err(outcome[1], outcome[0]) <= TOL
+    else:
+        assert outcome[1] == outcome[0]
+
+
+def test_disabled_adapters_win_over_adapter_names():
+    plain, fast = three_adapters()
+    ids = IDS.to(DEVICE)
+    with torch.no_grad(), plain.disable_adapter(), fast.disable_adapter():
+        want = plain(input_ids=ids, adapter_names=NAMES).logits
+        got = fast(input_ids=ids, adapter_names=NAMES).logits
+    assert rel_err(got, want) <= TOL
+    assert not counts().get("accelerate.lora.peft_forward"), counts()

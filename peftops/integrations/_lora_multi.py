@@ -38,8 +38,9 @@ def mixed_batch_forward(layer, x: torch.Tensor, args: tuple, kwargs: dict):
         return _leave("extra forward arguments")
     adapter_names = kwargs["adapter_names"]
     layer._check_forward_args(x, *args, **kwargs)                                # peft's checks, peft's errors
-    if layer.disable_adapters:
-        return None                                                              # peft: the base layer alone
+    if layer.disable_adapters:                                                   # peft: disabling wins, the
+        return layer.base_layer(x)                                               # base layer alone (not merged:
+                                                                                 # checked above)
     names = list(layer.lora_A.keys())
     used = {a for a in adapter_names if a in layer.lora_A}
     if not used:
