@@ -286,13 +286,14 @@ def _expand(out, p, f, scale, idx, perm):
     M, N = out.shape
     n, R, _ = f.shape
     assert out.stride(1) == 1, "grouped expand needs a unit column stride"
-    cfg = k.expand_config(M, N, cpu_configs(out))
+    precision = "tf32" if out.dtype != torch.float32 else dot_precision(out.dtype)
+    cfg = k.expand_config(M, N, cpu_configs(out), ieee=precision == "ieee")
     k.multi_expand_kernel[(-(-M // cfg["BLOCK_M"]), -(-N // cfg["BLOCK_N"]))](
         out, p, f, scale, idx, perm if perm is not None else idx,
         M, N, R, n,
         out.stride(0), p.stride(0), p.stride(1), f.stride(0), f.stride(1), f.stride(2),
         HAS_PERM=perm is not None,
-        EPI_PRECISION="tf32" if out.dtype != torch.float32 else dot_precision(out.dtype),
+        EPI_PRECISION=precision,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=next_pow2(R), num_warps=cfg["num_warps"],
     )
     record_launch("lora_multi_expand", "bgmv" if perm is None else None)
