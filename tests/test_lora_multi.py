@@ -186,6 +186,25 @@ def test_cuda_graph_capturable():
                 torch.testing.assert_close(out, want)
 
 
+@pytest.mark.cuda_only("torch's sync debug mode watches CUDA synchronisations")
+def test_no_host_sync_forward_backward():
+    x = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(4, 16, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(4, 256, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    idx = torch.randint(-1, 4, (300,), device="cuda", dtype=torch.int32)
+    sc = torch.ones(4, device="cuda")
+    dy = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16)
+    for path_name in lora_multi.PATHS.paths:
+        with peftops.force_path("lora_multi", path_name):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                y = lora_linear_multi(x, w, None, a, b, sc, idx)
+                torch.autograd.grad(y, (x, a, b), dy)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+
 # ----------------------------------------------------------------------------- bad input
 def _ok(n=3, r=4, d=37, k=67, T=5):
     return dict(x=torch.randn(T, k, device=DEVICE), weight=torch.randn(d, k, device=DEVICE), bias=None,
