@@ -28,8 +28,7 @@ def _inputs(B, L, d, k, r, n, dtype, device, grad):
     w, b = randn(g, d, k, dtype=dtype, scale=k ** -0.5), randn(g, d, dtype=dtype)
     a = randn(g, n, r, k, dtype=dtype, scale=k ** -0.5).requires_grad_(grad)
     bb = randn(g, n, d, r, dtype=dtype, scale=r ** -0.5).requires_grad_(grad)
-    order = torch.randperm(B, generator=torch.Generator().manual_seed(1)) if L == 1 else torch.arange(B)
-    seq_adapter = (order % n).tolist()                                         # adapter of each sequence
+    seq_adapter = _seq_adapters(B, L, n)
     scal = [1.0 + 0.25 * (i % 4) for i in range(n)]
     dy = randn(g, B, L, d, dtype=dtype)
     return x, w, b, a, bb, seq_adapter, scal, dy
@@ -104,7 +103,7 @@ def _case(op, B, L, d, k, r, n, dtype, device):
         return build
 
     T = B * L
-    present = len(set(_inputs_present(B, L, n)))
+    present = len(set(_seq_adapters(B, L, n)))
     flops = 2.0 * T * d * k + 2.0 * T * r * (d + k)
     # bytes: x, W, y once; each adapter present: its A and B once
     nbytes = dtype.itemsize * (T * k + d * k + T * d + present * r * (d + k))
@@ -117,7 +116,8 @@ def _case(op, B, L, d, k, r, n, dtype, device):
                 compare=("peftops", "lora_loop"), paths_from="peftops.ops.lora_multi")
 
 
-def _inputs_present(B, L, n):
+def _seq_adapters(B, L, n):
+    """Adapter of each sequence: i mod n, sequences shuffled (fixed seed) at decode."""
     order = torch.randperm(B, generator=torch.Generator().manual_seed(1)) if L == 1 else torch.arange(B)
     return (order % n).tolist()
 
