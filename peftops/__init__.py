@@ -17,6 +17,7 @@ from .ops.unipelt import gated_lora_linear
 from .ops.qlora import qdora_linear, qlora_linear
 from .ops.dequant import Quant4bit, dequantize_4bit, quantize_4bit
 from .ops.dora import dora_linear
+from .ops.lora_multi import lora_linear_multi  # mixed-adapter batches (peft's adapter_names=)
 
 # modules
 from .nn.lora import LoraLinear
@@ -44,3 +45,4 @@ __all__ = [
     "accelerate", "deaccelerate", "add_adapter", "set_active_adapters", "train_adapter", "save_adapter",
     "load_adapter", "BottleneckConfig", "FusionConfig",
 ]
+__all__ += ["lora_linear_multi"]

@@ -49,6 +49,31 @@ def lora_merge(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     return (weight.float() + delta).to(weight.dtype)
 
 
+# --------------------------------------------------------------------------- Mixed-adapter LoRA
+def lora_linear_multi(x, weight, bias, lora_A, lora_B, scalings, adapter_index) -> torch.Tensor:
+    """Row t of ``x [..., in]`` uses adapter a = adapter_index[t] of the stacks lora_A
+    ``[n, r, in]`` / lora_B ``[n, out, r]`` with scaling ``scalings[a]``:
+    ``y_t = x_t W^T + b + s_a (x_t A_a^T) B_a^T``; a outside [0, n) (-1): ``y_t = x_t W^T + b``.
+    ``adapter_index`` holds one id per token (``x.shape[:-1]``) or per sequence
+    (``[x.shape[0]]``). A plain loop over the rows."""
+    y = F.linear(x, weight, bias)
+    lead, out_f = y.shape[:-1], y.shape[-1]
+    idx = torch.as_tensor(adapter_index, device="cpu").long()
+    if tuple(idx.shape) != tuple(lead):
+        idx = idx[:, None].expand(lead[0], max(1, y[..., 0].numel() // max(lead[0], 1)))
+    idx = idx.reshape(-1).tolist()
+    scale = [float(s) for s in (scalings.tolist() if isinstance(scalings, torch.Tensor) else scalings)]
+    x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, out_f)
+    out = []
+    for t, a in enumerate(idx):
+        row = y2[t]
+        if 0 <= a < lora_A.shape[0]:
+            low = (x2[t].to(lora_A.dtype) @ lora_A[a].t()) @ lora_B[a].t() * scale[a]
+            row = row + low.to(y.dtype)
+        out.append(row)
+    return (torch.stack(out) if out else y2).reshape(*lead, out_f)
+
+
 # --------------------------------------------------------------------------- AdapterFusion
 def adapter_fusion(
     query: torch.Tensor,

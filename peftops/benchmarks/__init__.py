@@ -8,6 +8,7 @@ METHODS = {
     "fusion": "peftops.benchmarks.fusion",
     "ia3": "peftops.benchmarks.ia3",
     "lora": "peftops.benchmarks.lora",
+    "lora_multi": "peftops.benchmarks.lora_multi",
     "prefix_attention": "peftops.benchmarks.prefix_attention",
     "qlora": "peftops.benchmarks.qlora",
     "unipelt": "peftops.benchmarks.unipelt",

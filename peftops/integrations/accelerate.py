@@ -16,10 +16,11 @@ peft's layer class and the peftops module:
   (``set_adapter``, ``merge``, ``update_layer``, ``active_adapters`` ...) is re-bound to
   peft's definition, so the layer's state and model-level behaviour are exactly peft's;
 * ``forward`` is the peftops module's fused forward (``peftops.LoraLinear.forward``, which
-  reads only peft-named attributes); cases it does not take at run time (peft's
-  ``adapter_names=`` mixed batches, LoRA variants such as DoRA added after acceleration,
-  an input dtype other than the base weight's, autocast) go to peft's own forward,
-  counted in ``dispatch_counts()["accelerate.<kind>.peft_forward"]``;
+  reads only peft-named attributes); peft's ``adapter_names=`` mixed batches run on
+  ``peftops.lora_linear_multi`` (``_lora_multi.py``); cases it does not take at run time
+  (LoRA variants such as DoRA added after acceleration, an input dtype other than the base
+  weight's, autocast; for mixed batches also dropout in training mode, ``lora_bias``) go to
+  peft's own forward, counted in ``dispatch_counts()["accelerate.<kind>.peft_forward"]``;
 * ``isinstance(layer, peftops.LoraLinear)`` and ``isinstance(layer, BaseTunerLayer)`` both
   hold; nothing is re-initialised, so state_dict keys, optimizer state and
   ``requires_grad`` flags are untouched, and ``deaccelerate(model)`` undoes the swap.
@@ -81,6 +82,11 @@ class PeftopsLoraLinear(_PeftLoraLinear, LoraLinear):
     """peft's LoRA ``Linear`` whose forward runs ``peftops.lora_linear`` (see module doc)."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if kwargs.get("adapter_names") is not None:  # peft's mixed batches: peftops.lora_linear_multi
+            from ._lora_multi import mixed_batch_forward  # (integrations/_lora_multi.py; None: peft's forward)
+            y = mixed_batch_forward(self, x, args, kwargs)
+            if y is not None:
+                return y
         reason = self._peftops_unsupported(x, args, kwargs)
         if reason is not None:
             _count("accelerate.lora.peft_forward")
