@@ -21,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 import peftops  # noqa: E402
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
+from peftops.integrations.accelerate import accelerated_classes  # noqa: E402
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from parity import DEVICE, rel_err  # noqa: E402
@@ -405,3 +406,22 @@ def test_e2e_bench_case_small_parity():
     assert bench_rel_err(got, ref) <= TOL
     c = peftops.dispatch_counts()
     assert c.get("launch.lora_gemm", 0) + c.get("launch.lora_rank_add", 0) >= 14, c  # either path's rank-r step
+
+
+def test_repr_is_peft_s():
+    """An accelerated model prints as peft's (``lora.Linear(``, ``Linear(`` for IA3: peft's own
+    repr checks compare the prefix), while the class stays ours, so the summary, tracebacks and
+    pickling name ``PeftopsLoraLinear`` / ``PeftopsIA3Linear``."""
+    for config, peft_name in ((LoraConfig(r=2, target_modules=["q_proj", "down_proj"]), "lora.Linear("),
+                              (IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
+                               "Linear(")):
+        plain, fast = pair(tiny_llama, config)
+        text = repr(plain)
+        peftops.accelerate(fast)
+        layer = fast.base_model.model.model.layers[0].self_attn.q_proj
+        assert type(layer) in set(accelerated_classes().values())
+        assert type(layer).__name__.startswith("Peftops")
+        assert repr(layer).startswith(peft_name) and "Peftops" not in repr(fast)
+        assert repr(fast) == text
+        peftops.deaccelerate(fast)
+        assert repr(fast) == text

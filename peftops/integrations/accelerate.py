@@ -63,7 +63,12 @@ def _count(key: str) -> None:
 
 def _bind_peft_names(cls: type, peft_cls: type, ours: type) -> type:
     """Make peft's definitions win for every name both classes define (except ``forward``),
-    so the swapped layer keeps peft's state protocol; peftops-only helpers stay visible."""
+    so the swapped layer keeps peft's state protocol; peftops-only helpers stay visible.
+
+    The layer also prints as peft's (``lora.Linear(``, ``Linear(``): ``nn.Module.__repr__``
+    names a module by ``_get_name()``, which returns peft's class name here, while
+    ``type(layer).__name__`` stays ours (the summary, tracebacks and pickling name it)."""
+    cls._get_name = lambda self: peft_cls.__name__
     for name in vars(ours):
         if name.startswith("__") or name == "forward" or name in vars(cls):
             continue
