@@ -175,7 +175,7 @@ def floors(records: list[dict], targets: dict | None = None) -> dict:
         out["hbm_label"] = (f"{_rate(hbm, 'B/s')} measured ({HBM_OP} {shape_str(hrec['shape'])}, {where(hrec)})")
     elif nominal.get("hbm_bytes_per_s"):
         out["hbm_bytes_per_s"] = nominal["hbm_bytes_per_s"]
-        out["hbm_label"] = (f"{nominal['hbm_bytes_per_s'] / 1e12:.2f} TB/s NOMINAL (targets [floor]; "
+        out["hbm_label"] = (f"{_rate(nominal['hbm_bytes_per_s'], 'B/s')} NOMINAL (targets [floor]; "
                             f"no {HBM_OP} record in the file)")
     else:
         out["hbm_label"] = "none (no floor.hbm_copy record, no [floor] hbm_bytes_per_s)"
@@ -184,7 +184,7 @@ def floors(records: list[dict], targets: dict | None = None) -> dict:
                              f"{grec.get('dtype')}, {where(grec)})")
     elif nominal.get("gemm_flops_per_s"):
         out["gemm_flops_per_s"] = nominal["gemm_flops_per_s"]
-        out["gemm_label"] = (f"{nominal['gemm_flops_per_s'] / 1e12:.1f} TFLOP/s NOMINAL (targets [floor]; "
+        out["gemm_label"] = (f"{_rate(nominal['gemm_flops_per_s'], 'FLOP/s')} NOMINAL (targets [floor]; "
                              f"no {GEMM_OP} record in the file)")
     else:
         out["gemm_label"] = f"none (no {GEMM_OP} record, no [floor] gemm_flops_per_s)"
