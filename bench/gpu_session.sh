@@ -72,10 +72,13 @@ if (( REHEARSE )); then
   export TRITON_INTERPRET=1 PEFTOPS_BACKEND=triton
   TOTAL_S=${TOTAL_S:-540}
   declare -A DEFAULT=([tests]=100 [bench]=260 [e2e]=60 [facts]=15 [check]=25)
-  SMALL=(--small)
+  SMALL=(--small --smallest)
   TEST_DEVICE=cpu
-  # A few whole files, through the same pytest invocation as the real run.
-  read -r -a TEST_SEL <<< "${TEST_FILES:-tests/test_bench_tools.py tests/test_gpu_session.py tests/test_paths_lora.py}"
+  # A few files and tests (the bench tools, this session's machinery, kernels launched and
+  # fallbacks), through the same pytest invocation as the real run.
+  read -r -a TEST_SEL <<< "${TEST_FILES:-tests/test_bench_tools.py tests/test_gpu_session.py tests/test_bench_paths.py \
+    tests/test_adapter.py::test_kernels_launched tests/test_adapter.py::test_fallbacks_are_visible \
+    tests/test_lora.py::test_float64_falls_back_visibly}"
   TEST_WORKERS=(-p no:xdist)
 else
   MODE=gpu DEVICE=cuda
@@ -89,7 +92,7 @@ else
 fi
 END=$((START + TOTAL_S))
 STAGES=${*:-tests bench e2e facts check}
-printf 'stage\tstatus\trc\tseconds\tbudget\n' > "$WORK/stages.tsv"
+printf 'stage\tstatus\trc\tseconds\tbudget\tcpu_s\n' > "$WORK/stages.tsv"
 RESULTS=""
 echo "gpu_session ($MODE): stages [$STAGES], cap ${TOTAL_S}s; default budgets:" \
   "setup ~20s$(for s in "${ORDER[@]}"; do printf ', %s %ss' "$s" "${DEFAULT[$s]}"; done);" \
@@ -119,25 +122,33 @@ finish() {
     || echo "summary.json / session.tar.gz: could not be written"
 }
 
+# cpu_s: user + system CPU seconds of every process this shell has waited for, so far (bash's
+# `times`): a stage's difference is its CPU time, what it would take on an idle core.
+cpu_s() {
+  times | tail -n 1 | awk '{ s = 0; for (i = 1; i <= 2; i++) { split($i, p, "m"); s += p[1] * 60 + p[2] } printf "%d", s }'
+}
+
 # stage NAME CMD...: run CMD under the stage's budget (SIGINT first, so pytest and the bench
 # finish their files, SIGKILL 10 s later), output to $WORK/NAME.log, a row in stages.tsv.
 stage() {
-  local name=$1 b t0 rc status
+  local name=$1 b t0 c0 rc status
   b=$(budget "$1")
   shift
   if (( b < 5 )); then
-    printf '%s\tskipped (no time left)\t-\t0\t%s\n' "$name" "$b" >> "$WORK/stages.tsv"
+    printf '%s\tskipped (no time left)\t-\t0\t%s\t0\n' "$name" "$b" >> "$WORK/stages.tsv"
     echo "== $name: skipped, no time left"
     return 0
   fi
   echo "== $name (budget ${b}s, $(( $(date +%s) - START ))s into the session): $*"
   t0=$(date +%s)
+  c0=$(cpu_s)
   timeout -s INT -k 10 "$b" "$@" > "$WORK/$name.log" 2>&1
   rc=$?
   status=done
   (( rc == 124 || rc == 137 )) && status="timed out"
-  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$(( $(date +%s) - t0 ))" "$b" >> "$WORK/stages.tsv"
-  echo "   -> $status, rc=$rc, $(( $(date +%s) - t0 ))s; last lines of $name.log:"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$(( $(date +%s) - t0 ))" "$b" \
+    "$(( $(cpu_s) - c0 ))" >> "$WORK/stages.tsv"
+  echo "   -> $status, rc=$rc, $(( $(date +%s) - t0 ))s ($(( $(cpu_s) - c0 )) CPU s); last lines of $name.log:"
   tail -n "${TAIL_LINES:-12}" "$WORK/$name.log" | cut -c1-220 | sed 's/^/   | /'
   finish > /dev/null
   return 0
@@ -156,18 +167,25 @@ trap 'finish; [[ -n "${KEEP_WORK:-}" ]] || rm -rf "$WORK"' EXIT
   "$PY" -c "import sys, torch, triton, peftops; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| triton', triton.__version__, '| peftops', peftops.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU', torch.cuda.get_device_capability() if torch.cuda.is_available() else '')"
   git log -1 --format='commit %h %s' 2>/dev/null || true
 } 2>&1 | tee "$WORK/gpu.txt"
-RESULTS=$("$PY" -c "import sys; from peftops.benchmarks.core import device_label, results_path; print(results_path(sys.argv[1], device_label(sys.argv[2])))" "$OUT" "$DEVICE" 2>/dev/null)
-[[ -n "$RESULTS" ]] || RESULTS="$OUT/results.json"
+# One interpreter for the results file's name and the method list (a Python start costs seconds here).
+# Every method but e2e: the device floors first, then AdapterFusion (whose bars are against compile:
+# first in the compile pass, which runs after every other provider), then the rest in registry
+# order (new methods join with no edit here).
+read -r RESULTS METHODS < <("$PY" -c "
+import sys
+from peftops.benchmarks import METHODS as M
+from peftops.benchmarks.core import device_label, results_path
+first = [m for m in ('floors', 'fusion') if m in M]
+print(results_path(sys.argv[1], device_label(sys.argv[2])), ','.join(first + [m for m in M if m not in first and m != 'e2e']))
+" "$OUT" "$DEVICE" 2>/dev/null)
+[[ -n "${RESULTS:-}" ]] || RESULTS="$OUT/results.json"
+[[ -n "${METHODS:-}" ]] || METHODS=floors,fusion,adapter,ia3,lora,prefix_attention,unipelt
 RESUME=()
 if [[ -n "${RESUME_FROM:-}" && -f "$RESUME_FROM" ]]; then
   cp "$RESUME_FROM" "$RESULTS" && chmod u+w "$RESULTS" && RESUME=(--resume)
 fi
-# Every method but e2e: the device floors first, then AdapterFusion (whose bars are against
-# compile: first in the compile pass, which runs after every other provider), then the rest in
-# registry order (new methods join with no edit here).
-METHODS=$("$PY" -c "from peftops.benchmarks import METHODS as M; first = [m for m in ('floors', 'fusion') if m in M]; print(','.join(first + [m for m in M if m not in first and m != 'e2e']))")
 echo "results file: $RESULTS ${RESUME[*]:+(resuming $RESUME_FROM)}; methods: $METHODS; triton cache: $TRITON_CACHE_DIR"
-printf 'setup\tdone\t0\t%s\t-\n' "$(( $(date +%s) - START ))" >> "$WORK/stages.tsv"
+printf 'setup\tdone\t0\t%s\t-\t%s\n' "$(( $(date +%s) - START ))" "$(cpu_s)" >> "$WORK/stages.tsv"
 finish > /dev/null
 
 # ---------------------------------------------------------------- stages

@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
                            help="time on this device (default: cuda when there is one, else a parity pass); "
                                 "cpu = the rehearsal of bench/gpu_session.sh: the same timing loop and records, "
                                 "Triton's interpreter, time.perf_counter medians, CUDA-only providers skipped")
+            p.add_argument("--smallest", action="store_true",
+                           help="with --small: only the smallest shape of each case (the rehearsal's set)")
             p.add_argument("--resume", action="store_true",
                            help="skip (case, provider) pairs the --out file already has a time for")
             p.add_argument("--check", nargs="+", metavar="FILE",
@@ -100,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         where = torch.cuda.get_device_name() if want == "cuda" else "CPU (rehearsal: Triton interpreter, perf_counter)"
         print(f"{'GPU' if want == 'cuda' else 'device'}: {where} -- timing {', '.join(methods)} in {args.dtype}")
         unavailable: list = []
-        cases = run.load_cases(methods, device, DTYPES[args.dtype], args.small, unavailable)
+        cases = run.load_cases(methods, device, DTYPES[args.dtype], args.small or args.smallest, unavailable)
+        if getattr(args, "smallest", False):
+            cases = run.smallest_cases(cases)
         run.run_timing(cases, device, args.out or None, budget_s=getattr(args, "budget_s", None),
                        skip=tuple(p for p in getattr(args, "skip_providers", "").split(",") if p),
                        resume=getattr(args, "resume", False),

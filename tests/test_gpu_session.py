@@ -31,7 +31,7 @@ def test_script_parses():
 @pytest.fixture(scope="module")
 def small_records():
     """A record for every (case, provider) the rehearsal builds, as the CPU bench would write them."""
-    cases = run.load_cases(list(run.METHODS), torch.device("cpu"), torch.bfloat16, small=True)
+    cases = run.smallest_cases(run.load_cases(list(run.METHODS), torch.device("cpu"), torch.bfloat16, small=True))
     recs = []
     for c in cases:
         for p in c.providers:

@@ -10,7 +10,7 @@ Checks, each printed ``ok`` / ``FAIL``:
   a positive ``median_ms`` or a ``skipped`` reason (an ``error`` fails, unless
   ``--allow-errors``: a real run may meet an OOM);
 * a record for every bench case and provider the session's mode builds (``load_cases`` over
-  ``METHODS``, small shapes in a rehearsal), and cases (not only a "not available here" record)
+  ``METHODS``; in a rehearsal ``smallest_cases`` of the small shapes, as ``bench --smallest``), and cases (not only a "not available here" record)
   for LoRA, IA3, adapter, fusion, prefix attention, UniPELT and e2e, with ``peftops`` timed in
   each; the device floors (``floor.hbm_copy``, ``floor.gemm``) timed;
 * ``summary.json``: the test stage ran tests, all passed (no failures, no errors), every stage
@@ -85,12 +85,14 @@ def expected_pairs(records: list[dict], small: bool) -> tuple[set, dict]:
 
     from . import METHODS
     from .core import record_key
-    from .run import load_cases
+    from .run import load_cases, smallest_cases
 
     dtypes = {r["dtype"] for r in records if r.get("dtype")}
     dtype = getattr(torch, dtypes.pop()) if len(dtypes) == 1 else torch.bfloat16
     unavailable: list = []
     cases = load_cases(list(METHODS), torch.device("cpu"), dtype, small, unavailable)
+    if small:  # the rehearsal: bench --smallest
+        cases = smallest_cases(cases)
     want = {record_key({"op": c.op, "shape": c.shape, "dtype": str(c.dtype).replace("torch.", ""), "provider": p})
             for c in cases for p in c.providers}
     return want, dict(unavailable)

@@ -201,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--launches", default=None, metavar="DIR",
                     help="no GPU and no compile-check JSON: the variants of this launch record (no registers)")
     args = ap.parse_args(argv)
-    names = None if args.all else peftops_kernel_names()
+    # compile-check's JSON and the launch record hold peftops' kernels only (and under the
+    # interpreter the jit functions are not JITFunctions: no name filter for those sources)
+    names = None if args.all or args.compile_check or args.launches else peftops_kernel_names()
     if args.compile_check and os.path.exists(args.compile_check):
         source = f"compile-check JSON {args.compile_check}"
         facts = from_compile_check(args.compile_check, names)

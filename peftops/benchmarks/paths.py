@@ -63,6 +63,22 @@ def path_tables() -> dict:
     return tables
 
 
+def case_tables() -> dict:
+    """Bench op -> the ``PathTable.op`` its ``peftops[<path>]`` providers force (from the bench
+    cases' ``paths_from`` / ``forced``), for files whose records carry no ``dispatch``."""
+    import torch
+
+    from . import METHODS
+    from .run import load_cases
+
+    out = {}
+    for small in (False, True):
+        for case in load_cases(list(METHODS), torch.device("cpu"), torch.bfloat16, small=small):
+            for table_op, _path in case.forced.values():
+                out.setdefault(case.op, table_op)
+    return out
+
+
 def bench_knobs(records: list[dict] = ()) -> dict:
     """(module, attribute) -> ``Knob``: from every bench case's knob providers (full-size cases,
     built lazily: nothing is allocated) and the ``knob`` fields of ``records``."""
@@ -134,10 +150,13 @@ def _provider_path(provider: str) -> tuple[str, str | None] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
-def read(records: list[dict], tables: dict | None = None, knobs: dict | None = None, source: str = "") -> dict:
-    """The three readings (``cases``, ``rows``, ``knobs``) as lists of dicts."""
+def read(records: list[dict], tables: dict | None = None, knobs: dict | None = None, source: str = "",
+         op_tables: dict | None = None) -> dict:
+    """The three readings (``cases``, ``rows``, ``knobs``) as lists of dicts. ``tables``,
+    ``knobs``, ``op_tables``: ``path_tables()``, ``bench_knobs()``, ``case_tables()`` by default."""
     tables = path_tables() if tables is None else tables
     knobs = bench_knobs(records) if knobs is None else knobs
+    op_tables = case_tables() if op_tables is None else op_tables
     where = ", ".join(sorted({str(r.get("gpu_name") or r.get("device")) for r in records})) or "?"
     tag = f"{where} ({source})" if source else where
     case_rows, row_cases, knob_cases = [], {}, {}
@@ -154,8 +173,8 @@ def read(records: list[dict], tables: dict | None = None, knobs: dict | None = N
             for k in rec.get("dispatch") or {}:
                 if ".path:" in k:
                     table_op = table_op or k.split(".path:")[0]
-        if table_op is None and (paths or variants):
-            table_op = next((op for op in tables if c.op == op or c.op.startswith((op + ".", op + "_"))), None)
+        if table_op is None:
+            table_op = op_tables.get(c.op)
         shipped = c.providers.get("peftops", {})
         table = tables.get(table_op, (None, None))[1] if table_op else None
         row = row_reached(table, c.shape, shipped.get("dispatch")) if table is not None else None

@@ -42,6 +42,30 @@ def load_cases(methods: list[str], device, dtype, small: bool, unavailable: list
     return out
 
 
+def smallest_cases(cases: list[Case]) -> list[Case]:
+    """The smallest shape of every bench case: per op and kind of case (its shape's keys and its
+    non-integer values: flags, modes, dropout), the one with the fewest elements (product of its
+    integer sizes). The rehearsal of bench/gpu_session.sh times these (``bench --smallest``)."""
+    def kind(c):
+        return c.op, tuple(sorted((k, v if isinstance(v, (bool, str, float)) else None)
+                                  for k, v in c.shape.items()))
+
+    def size(c):
+        n = 1
+        for v in c.shape.values():
+            if isinstance(v, int) and not isinstance(v, bool):
+                n *= max(v, 1)
+        return n
+
+    best: dict = {}
+    for c in cases:
+        k = kind(c)
+        if k not in best or size(c) < size(best[k]):
+            best[k] = c
+    keep = {id(c) for c in best.values()}
+    return [c for c in cases if id(c) in keep]
+
+
 def skip_records(unavailable: list, dtype, device=None) -> list[dict]:
     """One record per method that could not be benchmarked: ``op`` = the method, provider
     ``*``, no time, ``skipped`` = why."""
