@@ -122,16 +122,18 @@ finish() {
     || echo "summary.json / session.tar.gz: could not be written"
 }
 
-# cpu_s: user + system CPU seconds of every process this shell has waited for, so far (bash's
-# `times`): a stage's difference is its CPU time, what it would take on an idle core.
-cpu_s() {
-  times | tail -n 1 | awk '{ s = 0; for (i = 1; i <= 2; i++) { split($i, p, "m"); s += p[1] * 60 + p[2] } printf "%d", s }'
+# cpu_now: CPU to the user + system CPU seconds of every process this shell has waited for so far
+# (bash's `times`, run in this shell, not a subshell): a stage's difference is its CPU time, what
+# it would take on an idle core (the wall time of a shared machine says little).
+cpu_now() {
+  times > "$WORK/times.txt"
+  CPU=$(tail -n 1 "$WORK/times.txt" | awk '{ s = 0; for (i = 1; i <= 2; i++) { split($i, p, "m"); s += p[1] * 60 + p[2] } printf "%d", s }')
 }
 
 # stage NAME CMD...: run CMD under the stage's budget (SIGINT first, so pytest and the bench
 # finish their files, SIGKILL 10 s later), output to $WORK/NAME.log, a row in stages.tsv.
 stage() {
-  local name=$1 b t0 c0 rc status
+  local name=$1 b t0 c0 rc status CPU
   b=$(budget "$1")
   shift
   if (( b < 5 )); then
@@ -141,14 +143,16 @@ stage() {
   fi
   echo "== $name (budget ${b}s, $(( $(date +%s) - START ))s into the session): $*"
   t0=$(date +%s)
-  c0=$(cpu_s)
+  cpu_now
+  c0=$CPU
   timeout -s INT -k 10 "$b" "$@" > "$WORK/$name.log" 2>&1
   rc=$?
   status=done
   (( rc == 124 || rc == 137 )) && status="timed out"
+  cpu_now
   printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$(( $(date +%s) - t0 ))" "$b" \
-    "$(( $(cpu_s) - c0 ))" >> "$WORK/stages.tsv"
-  echo "   -> $status, rc=$rc, $(( $(date +%s) - t0 ))s ($(( $(cpu_s) - c0 )) CPU s); last lines of $name.log:"
+    "$(( CPU - c0 ))" >> "$WORK/stages.tsv"
+  echo "   -> $status, rc=$rc, $(( $(date +%s) - t0 ))s ($(( CPU - c0 )) CPU s); last lines of $name.log:"
   tail -n "${TAIL_LINES:-12}" "$WORK/$name.log" | cut -c1-220 | sed 's/^/   | /'
   finish > /dev/null
   return 0
@@ -185,7 +189,8 @@ if [[ -n "${RESUME_FROM:-}" && -f "$RESUME_FROM" ]]; then
   cp "$RESUME_FROM" "$RESULTS" && chmod u+w "$RESULTS" && RESUME=(--resume)
 fi
 echo "results file: $RESULTS ${RESUME[*]:+(resuming $RESUME_FROM)}; methods: $METHODS; triton cache: $TRITON_CACHE_DIR"
-printf 'setup\tdone\t0\t%s\t-\t%s\n' "$(( $(date +%s) - START ))" "$(cpu_s)" >> "$WORK/stages.tsv"
+cpu_now
+printf 'setup\tdone\t0\t%s\t-\t%s\n' "$(( $(date +%s) - START ))" "$CPU" >> "$WORK/stages.tsv"
 finish > /dev/null
 
 # ---------------------------------------------------------------- stages
@@ -211,6 +216,8 @@ fi
 
 if want check; then
   TAIL_LINES=4 stage check "$PY" -m peftops bench --check "$RESULTS"
-  timeout 20 "$PY" -m peftops report "$RESULTS" > "$OUT/report.md" 2> "$WORK/report.log" || true
+  if [[ -f "$RESULTS" ]]; then
+    timeout 20 "$PY" -m peftops report "$RESULTS" > "$OUT/report.md" 2> "$WORK/report.log" || true
+  fi
 fi
 # summary.json and session.tar.gz: written by the EXIT trap (finish)

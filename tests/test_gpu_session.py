@@ -125,6 +125,36 @@ def test_checker_fails_what_a_broken_session_leaves(tmp_path, small_records, bro
     assert code == 1 and any(line.startswith("FAIL") and expect in line for line in text.splitlines()), text
 
 
+def test_a_method_skipped_on_the_session_machine_owes_no_cases(tmp_path, small_records):
+    """The GPU image lacks a library this machine has: that method's "*" record stands for its cases."""
+    recs = [r for r in small_records if r.get("method") != "fusion"]
+    recs.append({"op": "fusion", "method": "fusion", "shape": {}, "dtype": "bfloat16", "provider": "*",
+                 "median_ms": None, "skipped": "missing dependency: ModuleNotFoundError: x", **ENV})
+    code, text = _check(_session(tmp_path, recs))
+    assert "ok    a record for every bench case and provider" in text
+    assert "FAIL  fusion: cases recorded, peftops timed" in text and code == 1  # fusion is one of the required
+
+
+def test_the_script_leaves_its_files_when_out_of_time(tmp_path):
+    """TOTAL_S=1: setup runs, every stage is skipped for want of time; the EXIT trap still writes
+    summary.json and the archive (and nothing else) into $OUT."""
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("TOTAL_S", "RESUME_FROM")}
+    env.update(OUT=str(out), TOTAL_S="1", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", SCRIPT, "--rehearse"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(os.listdir(out)) == ["session.tar.gz", "summary.json"], proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    status = {s["stage"]: s["status"] for s in summary["stages"]}
+    assert status == {"setup": "done", **{s: "skipped (no time left)" for s in ("tests", "bench", "e2e", "facts",
+                                                                                  "check")}}
+    assert summary["mode"] == "rehearse" and "error" in summary["tests"]
+    with tarfile.open(out / "session.tar.gz") as tar:
+        assert {"gpu.txt", "stages.tsv"} <= set(tar.getnames())
+    assert "default budgets: setup ~20s, tests 100s, bench 260s" in proc.stdout
+
+
 def test_checker_options_for_a_real_run(tmp_path, small_records):
     recs = [dict(r) for r in small_records]
     recs[_timed(recs)].update(median_ms=None, error="OutOfMemoryError: CUDA out of memory")
