@@ -370,6 +370,8 @@ def check(paths: list[str], targets_path: str | None = None, out=sys.stdout) -> 
     p(f"         {environment_line(records)}")
     p(f"targets: {targets['path']} ({len(bars)} bars)")
     p(floors_line(fl))
+    if any(r.get("device") == "cpu" for r in records):
+        p("WARNING: records timed on a CPU (the rehearsal of bench/gpu_session.sh): Triton's interpreter, not speeds")
     for c in cases:
         if set(c.providers) == {"*"}:
             p(f"not benchmarked here: {c.op}: {c.providers['*'].get('skipped') or c.providers['*'].get('error')}")

@@ -17,6 +17,7 @@ from .check import (FLOOR_DENOMINATORS, Case, bar_rows, environment_line, floor_
                     fmt_ratio, fmt_value, group, load_results, load_targets, rule_rows, shape_str)
 
 BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
+CPU_NOTE = "the rehearsal of bench/gpu_session.sh"
 
 # Chart: colour and marker per provider (peftops stands out; forced paths are hollow).
 STYLE = {
@@ -184,6 +185,10 @@ def markdown(paths: list[str], targets: dict, base_dir: str = ".", png: str | No
         "",
         f"Floors: HBM {fl['hbm_label']}; GEMM {fl['gemm_label']}.",
         "",
+    ]
+    if any(r.get("device") == "cpu" for r in records):
+        lines += [f"**Timed on a CPU** ({CPU_NOTE}): the times below are Triton's interpreter's, not speeds.", ""]
+    lines += [
         f"peftops was **slower than the fastest of {rivals}** (+ `sdpa_concat` for prefix attention) in "
         f"**{len(slower)} of {len(judged)}** cases; bars met: **{len(met)} of {len(bars)}** "
         f"({len(missed)} missed, {len(unmeasured)} not measured in this file); moonshots met: "
