@@ -286,3 +286,36 @@ def test_check_and_report_print_the_floors_they_use(tmp_path):
     assert row.den_value == pytest.approx(0.0671 * 3.0 / 3.35, abs=5e-4)  # the baseline test's 0.0671 ms at 3 TB/s
     block = report.markdown([str(path)], check.load_targets(TARGETS))
     assert "Floors: HBM 3.35 TB/s measured (floor.hbm_copy MiB=2048, NVIDIA H100 80GB HBM3)" in block
+
+
+def test_kernel_facts_without_a_gpu(tmp_path):
+    """The rehearsal's facts: compile-check's JSON when there is one, else the launch record."""
+    from peftops.benchmarks import kernel_facts
+
+    cc = tmp_path / "compile_check.json"
+    cc.write_text(json.dumps({"variants": [
+        {"kernel": "lora_gemm_kernel", "arch": 90, "options": {"num_warps": 8, "num_stages": 3}, "ok": True,
+         "regs": 168, "stack": 0, "shared": 98304, "wgmma": True, "dtypes": ["bfloat16"]},
+        {"kernel": "adapter_bwd_rows_kernel", "arch": 90, "options": {"num_warps": 4, "num_stages": 2}, "ok": True,
+         "regs": 255, "stack": 8, "shared": 1024, "wgmma": False, "dtypes": ["bfloat16"]},
+        {"kernel": "x_kernel", "arch": 80, "options": {}, "ok": False, "error": "CompilationError: boom"}]}))
+    launches = tmp_path / "launches"
+    launches.mkdir()
+    (launches / "launches-main.json").write_text(json.dumps([
+        {"module": "peftops.kernels.lora", "name": "lora_gemm_kernel", "args": [], "options": {"num_warps": 4},
+         "constexprs": {"BLOCK_M": 64, "HAS_BIAS": True}},
+        {"module": "peftops.kernels.lora", "name": "lora_gemm_kernel", "args": [["int", 3]],
+         "options": {"num_warps": 4}, "constexprs": {"BLOCK_M": 64, "HAS_BIAS": True}}]))
+    out = tmp_path / "facts.json"
+    assert kernel_facts.main(["--compile-check", str(cc), "--launches", str(launches), "--out", str(out)]) == 0
+    facts = json.loads(out.read_text())
+    assert facts["source"].startswith("compile-check JSON")
+    assert facts["summary"] == {"variants": 3, "kernels": 3, "spilling_variants": 1,
+                                "spilling_kernels": ["adapter_bwd_rows_kernel"], "max_regs": 255, "with_wgmma": 1,
+                                "compile_errors": 1}
+    assert kernel_facts.main(["--compile-check", str(tmp_path / "absent.json"), "--launches", str(launches),
+                              "--out", str(out)]) == 0
+    facts = json.loads(out.read_text())
+    assert facts["source"].startswith("launch record") and facts["summary"]["variants"] == 1  # one (kernel, tiles)
+    assert facts["kernels"] == [{"name": "lora_gemm_kernel", "num_warps": 4, "num_stages": None,
+                                 "tiles": {"BLOCK_M": 64}}]
