@@ -15,6 +15,11 @@ its builder, so timing excludes compilation), ``peft`` (HF PEFT's own layer),
 ``sdpa_concat``, ``peftops_compile``), and ``peftops[<path>]``: peftops with one of its
 implementation paths forced (added by ``add_path_providers`` for every path the op's
 ``PATHS`` table lists, when its ops module has one).
+
+``bench --device cpu`` (the rehearsal of bench/gpu_session.sh) runs the same loop on a CPU:
+``time_fn`` takes its ``time_cpu`` path, and the providers ``cpu_skip_reason`` names (the
+compiling ones, and any a case lists in ``Case.cuda_only`` with its reason) are recorded as
+``skipped``.
 """
 from __future__ import annotations
 

@@ -163,22 +163,22 @@ def read(records: list[dict], tables: dict | None = None, knobs: dict | None = N
     for c in group(records):
         paths = {}
         variants = {}
-        table_op = None
         for p, rec in c.providers.items():
             pp = _provider_path(p)
             if not pp or not rec.get("median_ms"):
                 continue
             (paths if pp[1] is None else variants)[pp if pp[1] else pp[0]] = rec["median_ms"]
-        for rec in c.providers.values():
-            for k in rec.get("dispatch") or {}:
-                if ".path:" in k:
-                    table_op = table_op or k.split(".path:")[0]
-        if table_op is None:
-            table_op = op_tables.get(c.op)
+        # the table the case's forced providers force (a block such as UniPELT's dispatches
+        # several ops), else the one its forced-path records counted
+        table_op = op_tables.get(c.op)
+        for p, rec in c.providers.items():
+            if table_op is None and _provider_path(p):
+                table_op = next((k.split(".path:")[0] for k in rec.get("dispatch") or {} if ".path:" in k), None)
         shipped = c.providers.get("peftops", {})
         table = tables.get(table_op, (None, None))[1] if table_op else None
         row = row_reached(table, c.shape, shipped.get("dispatch")) if table is not None else None
-        took = next((k.split(".path:")[1] for k in shipped.get("dispatch") or {} if ".path:" in k), None)
+        took = next((k.split(".path:")[1] for k in shipped.get("dispatch") or {}
+                     if table_op and k.startswith(f"{table_op}.path:")), None)
         if took is None and table is not None and row is not None:
             took = table.rows[row][1]
         if not paths and not variants:
