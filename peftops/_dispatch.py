@@ -113,21 +113,31 @@ class PathTable:
             raise ValueError(f"PEFTOPS_PATH_{self.op.upper()}={name!r}: expected one of {self.paths}")
         return name or None
 
+    def choose(self, on_cuda: bool, **shape) -> tuple[str, int | None]:
+        """(path, index of the row that chose it); the index is None when the path was
+        forced or is the default (off CUDA)."""
+        path = self.forced()
+        if path is not None:
+            return path, None
+        if on_cuda:
+            for i, (rule, row_path, _evidence) in enumerate(self.rows):
+                if rule(**shape):
+                    return row_path, i
+        return self.default, None
+
     def peek(self, on_cuda: bool, **shape) -> str:
         """The path ``pick`` would choose, not counted (to ask beforehand, e.g. whether a
         shape the kernel cannot hold would reach it)."""
-        path = self.forced()
-        if path is None:
-            path = self.default
-            if on_cuda:
-                for rule, row_path, _evidence in self.rows:
-                    if rule(**shape):
-                        return row_path
-        return path
+        return self.choose(on_cuda, **shape)[0]
 
     def pick(self, on_cuda: bool, **shape) -> str:
-        path = self.peek(on_cuda, **shape)
+        """The path for this shape, counted as ``"<op>.path:<path>"`` and, when a table row
+        chose it, ``"<op>.row:<index>"`` (the bench records both: ``python -m peftops paths``
+        reads which row a measured shape reached)."""
+        path, row = self.choose(on_cuda, **shape)
         _bump(f"{self.op}.path:{path}")
+        if row is not None:
+            _bump(f"{self.op}.row:{row}")
         return path
 
 

@@ -1,9 +1,9 @@
-"""Command line: ``python -m peftops {demo,bench,report,compile-check}``.
+"""Command line: ``python -m peftops {demo,bench,report,paths,compile-check}``.
 
 Without a GPU, the Triton kernels run in Triton's CPU interpreter; the interpreter must
 be switched on before triton is imported, so the CLI re-executes itself with
 ``TRITON_INTERPRET=1`` when it is missing. ``bench --check`` and ``report`` only read
-results files and run no kernel.
+results files and run no kernel; ``paths`` reads one too.
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                        ("bench", "kernel benchmarks (GPU) or a parity pass (no GPU); --check: a results file "
                                  "against bench/targets.toml")):
         p = sub.add_parser(name, help=text, description=text)
-        default = [m for m in METHODS if name == "bench" or m != "e2e"]  # demo runs the tiny Llama itself
+        # demo runs the tiny Llama itself, and has no use for the device floors
+        default = [m for m in METHODS if name == "bench" or m not in ("e2e", "floors")]
         p.add_argument("--methods", default=",".join(default), help=f"comma-separated, from {sorted(METHODS)}")
         p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype for GPU timing (default bf16)")
         p.add_argument("--small", action="store_true", help="small shapes on a GPU too")
@@ -49,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--budget-s", type=float, default=None,
                            help="start no provider after this many seconds (compiling providers run last)")
             p.add_argument("--skip-providers", default="", help="comma-separated provider names not to time")
+            p.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                           help="time on this device (default: cuda when there is one, else a parity pass); "
+                                "cpu = the rehearsal of bench/gpu_session.sh: the same timing loop and records, "
+                                "Triton's interpreter, time.perf_counter medians, CUDA-only providers skipped")
+            p.add_argument("--smallest", action="store_true",
+                           help="with --small: only the smallest shape of each case (the rehearsal's set)")
             p.add_argument("--resume", action="store_true",
                            help="skip (case, provider) pairs the --out file already has a time for")
             p.add_argument("--check", nargs="+", metavar="FILE",
@@ -63,7 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--readme", default=None, help="README to rewrite between the markers (else: print the markdown)")
     p.add_argument("--png", default=None, help="write the chart here")
     p.add_argument("--targets", default=None, help="targets file (default bench/targets.toml)")
+    p = sub.add_parser("paths", help="which implementation path / knob a results file says wins, per PATHS row",
+                       description="From a results file: the fastest peftops[<path>] per op and shape, and for "
+                                   "every PATHS row and kernel knob whether the file confirms it, contradicts it "
+                                   "or leaves it unmeasured, with the row to write.")
+    p.add_argument("file", nargs="+", help="results JSON file(s) (later ones override same case + provider)")
     args = parser.parse_args(argv)
+    if args.cmd == "paths":
+        from .benchmarks import paths
+
+        return paths.main(args.file)
     if args.cmd == "report":
         from .benchmarks import report
 
@@ -78,13 +94,21 @@ def main(argv: list[str] | None = None) -> int:
     from .benchmarks import run
 
     methods = [m for m in args.methods.split(",") if m]
-    if torch.cuda.is_available():
-        device = torch.device("cuda")
-        print(f"GPU: {torch.cuda.get_device_name()} -- timing {', '.join(methods)} in {args.dtype}")
-        cases = run.load_cases(methods, device, DTYPES[args.dtype], args.small)
+    want = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else None)
+    if want == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench --device cuda: no CUDA device here")
+    if want:
+        device = torch.device(want)
+        where = torch.cuda.get_device_name() if want == "cuda" else "CPU (rehearsal: Triton interpreter, perf_counter)"
+        print(f"{'GPU' if want == 'cuda' else 'device'}: {where} -- timing {', '.join(methods)} in {args.dtype}")
+        unavailable: list = []
+        cases = run.load_cases(methods, device, DTYPES[args.dtype], args.small or args.smallest, unavailable)
+        if getattr(args, "smallest", False):
+            cases = run.smallest_cases(cases)
         run.run_timing(cases, device, args.out or None, budget_s=getattr(args, "budget_s", None),
                        skip=tuple(p for p in getattr(args, "skip_providers", "").split(",") if p),
-                       resume=getattr(args, "resume", False))
+                       resume=getattr(args, "resume", False),
+                       extra=run.skip_records(unavailable, DTYPES[args.dtype], device))
         ok = True
     else:
         print("No GPU found: running a parity pass instead of timing (Triton kernels in the CPU "

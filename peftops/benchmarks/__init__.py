@@ -5,6 +5,7 @@ METHODS = {
     "adapter": "peftops.benchmarks.adapter",
     "dora": "peftops.benchmarks.dora",
     "e2e": "peftops.benchmarks.e2e",
+    "floors": "peftops.benchmarks.floors",  # the device's HBM copy and GEMM rates (bench/gpu_session.sh)
     "fusion": "peftops.benchmarks.fusion",
     "ia3": "peftops.benchmarks.ia3",
     "lora": "peftops.benchmarks.lora",

@@ -147,6 +147,66 @@ class BarRow:
         return f"{self.target['op']} {shape_str(self.target['shape'])}"
 
 
+HBM_OP, GEMM_OP = "floor.hbm_copy", "floor.gemm"  # peftops.benchmarks.floors
+FLOOR_DENOMINATORS = ("hbm_floor", "gemm_floor")
+
+
+def floors(records: list[dict], targets: dict | None = None) -> dict:
+    """The floors a file's ratios use: ``hbm_bytes_per_s`` (the fastest ``floor.hbm_copy``
+    record: a device-to-device copy, read + write bytes) and ``gemm_flops_per_s`` (the fastest
+    ``floor.gemm`` record, the vendor GEMM at the bench's shapes), each measured in the same run
+    as the cases; for a file without them (runs before the floors were recorded, e.g. the H100
+    baseline) the targets' ``[floor]`` constants, labelled nominal. ``source`` says which:
+    ``"measured"``, ``"nominal"``, ``"mixed"`` or ``"none"``; ``hbm_label`` / ``gemm_label``
+    the words printed with them."""
+    nominal = (targets or {}).get("floor", {})
+
+    def best(op: str, key: str, scale: float):
+        timed = [r for r in records if r.get("op") == op and r.get("median_ms") and r.get(key)]
+        top = max(timed, key=lambda r: r[key], default=None)
+        return (top[key] * scale, top) if top else (None, None)
+
+    hbm, hrec = best(HBM_OP, "gb_per_s", 1e9)
+    gemm, grec = best(GEMM_OP, "tflops", 1e12)
+    out = {"hbm_bytes_per_s": hbm, "gemm_flops_per_s": gemm, "hbm_measured": hbm is not None,
+           "gemm_measured": gemm is not None}
+    where = lambda r: r.get("gpu_name") or r.get("device") or "?"  # noqa: E731
+    if hbm:
+        out["hbm_label"] = (f"{_rate(hbm, 'B/s')} measured ({HBM_OP} {shape_str(hrec['shape'])}, {where(hrec)})")
+    elif nominal.get("hbm_bytes_per_s"):
+        out["hbm_bytes_per_s"] = nominal["hbm_bytes_per_s"]
+        out["hbm_label"] = (f"{_rate(nominal['hbm_bytes_per_s'], 'B/s')} NOMINAL (targets [floor]; "
+                            f"no {HBM_OP} record in the file)")
+    else:
+        out["hbm_label"] = "none (no floor.hbm_copy record, no [floor] hbm_bytes_per_s)"
+    if gemm:
+        out["gemm_label"] = (f"{_rate(gemm, 'FLOP/s')} measured ({GEMM_OP} {shape_str(grec['shape'])} "
+                             f"{grec.get('dtype')}, {where(grec)})")
+    elif nominal.get("gemm_flops_per_s"):
+        out["gemm_flops_per_s"] = nominal["gemm_flops_per_s"]
+        out["gemm_label"] = (f"{_rate(nominal['gemm_flops_per_s'], 'FLOP/s')} NOMINAL (targets [floor]; "
+                             f"no {GEMM_OP} record in the file)")
+    else:
+        out["gemm_label"] = f"none (no {GEMM_OP} record, no [floor] gemm_flops_per_s)"
+    kinds = {out["hbm_measured"], out["gemm_measured"]}
+    if out["hbm_bytes_per_s"] is None and out["gemm_flops_per_s"] is None:
+        out["source"] = "none"
+    else:
+        out["source"] = "mixed" if len(kinds) == 2 else "measured" if True in kinds else "nominal"
+    return out
+
+
+def _rate(v: float, unit: str) -> str:
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M")):
+        if v >= scale:
+            return f"{v / scale:.3g} {prefix}{unit}"
+    return f"{v:.3g} {unit}"
+
+
+def floors_line(fl: dict) -> str:
+    return f"floors: HBM {fl['hbm_label']}; GEMM {fl['gemm_label']}"
+
+
 def _floor_ms(record: dict, hbm: float | None) -> float | None:
     """The HBM floor of a case in ms: its bytes (recorded, or from GB/s x ms) / bandwidth."""
     if not hbm:
@@ -157,11 +217,36 @@ def _floor_ms(record: dict, hbm: float | None) -> float | None:
     return nbytes / hbm * 1e3 if nbytes else None
 
 
+def _gemm_floor_ms(record: dict, rate: float | None) -> float | None:
+    """The GEMM floor of a case in ms: its useful FLOPs / the measured GEMM rate."""
+    if not rate:
+        return None
+    flops = record.get("flops")
+    if not flops and record.get("tflops") and record.get("median_ms"):
+        flops = record["tflops"] * 1e9 * record["median_ms"]
+    return flops / rate * 1e3 if flops else None
+
+
+def floor_ms(den: str, record: dict, fl: dict) -> float | None:
+    """A floor denominator (``hbm_floor`` / ``gemm_floor``) of a case, in ms."""
+    if den == "hbm_floor":
+        return _floor_ms(record, fl["hbm_bytes_per_s"])
+    return _gemm_floor_ms(record, fl["gemm_flops_per_s"])
+
+
+def is_case(c: Case) -> bool:
+    """A benchmark case (not a ``floor.*`` measurement, nor the ``*`` record of a method that
+    could not run here)."""
+    return not c.op.startswith("floor.") and set(c.providers) != {"*"}
+
+
 def rule_rows(cases: list[Case], targets: dict) -> list[RuleRow]:
     rule = targets["rule"]
     provider = rule["provider"]
     rows = []
     for c in cases:
+        if not is_case(c):
+            continue
         ms = c.ms(provider)
         rivals = [*rule["rivals"], *rule["extra_rivals"].get(c.op, [])]
         timed = [(c.ms(p), p) for p in rivals if c.ms(p)]
@@ -177,9 +262,12 @@ def rule_rows(cases: list[Case], targets: dict) -> list[RuleRow]:
     return rows
 
 
-def bar_rows(cases: list[Case], targets: dict) -> list[BarRow]:
+def bar_rows(cases: list[Case], targets: dict, fl: dict | None = None) -> list[BarRow]:
+    """``fl``: the floors (``floors``) of the records the cases come from; without it, the
+    floors of the cases' own records (measured where the file has ``floor.*`` records)."""
     index = {(c.op, shape_key(c.shape), c.dtype): c for c in cases}
-    hbm = targets["floor"].get("hbm_bytes_per_s")
+    if fl is None:
+        fl = floors([r for c in cases for r in c.providers.values()], targets)
     rows = []
     for t in targets["target"]:
         dtype = t.get("dtype", targets["rule"]["dtype"])
@@ -197,8 +285,8 @@ def bar_rows(cases: list[Case], targets: dict) -> list[BarRow]:
             row.reason = f"no {provider}" + (f" ({rec['error'][:60]})" if rec and rec.get("error") else "")
             continue
         den = t["denominator"]
-        if den == "hbm_floor":
-            row.den_value = _floor_ms(rec, hbm)
+        if den in FLOOR_DENOMINATORS:
+            row.den_value = floor_ms(den, rec, fl)
         else:
             drec = c.providers.get(den)
             row.den_value = drec.get(metric) if drec else None
@@ -223,8 +311,8 @@ def fmt_ratio(t: dict, v: float | None) -> str:
     """A bar's ratio in its own words: '7.74x cublas_base', '67% of HBM floor', '0.39x speed-up vs eager'."""
     if v is None:
         return "-"
-    if t["denominator"] == "hbm_floor":
-        return f"{v:.0%} of HBM floor"
+    if t["denominator"] in FLOOR_DENOMINATORS:
+        return f"{v:.0%} of {'HBM' if t['denominator'] == 'hbm_floor' else 'GEMM'} floor"
     if t.get("metric", "median_ms") != "median_ms":
         return f"{v:.2f}x {t['denominator']} mem"
     return f"{v:.2f}x {t['denominator']}" if t["bar"] == "<=" else f"{v:.2f}x speed-up vs {t['denominator']}"
@@ -234,7 +322,7 @@ def fmt_bar(t: dict, key: str = "must") -> str:
     if key not in t:
         return "-"
     v = t[key]
-    return f"{t['bar']} {v:.0%}" if t["denominator"] == "hbm_floor" else f"{t['bar']} {v:g}x"
+    return f"{t['bar']} {v:.0%}" if t["denominator"] in FLOOR_DENOMINATORS else f"{t['bar']} {v:g}x"
 
 
 def fmt_value(row: BarRow) -> str:
@@ -253,7 +341,10 @@ def paths_str(c: Case) -> str:
 def environment_line(records: list[dict]) -> str:
     def values(key):
         return ", ".join(sorted({str(r.get(key)) for r in records if r.get(key) is not None})) or "?"
-    return f"{values('gpu_name')}; torch {values('torch')}; triton {values('triton')}; commit {values('commit')}"
+    gpu = values("gpu_name")
+    if gpu == "?":
+        gpu = values("device")
+    return f"{gpu}; torch {values('torch')}; triton {values('triton')}; commit {values('commit')}"
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -268,7 +359,8 @@ def check(paths: list[str], targets_path: str | None = None, out=sys.stdout) -> 
     targets = load_targets(targets_path)
     cases = group(records)
     rules = rule_rows(cases, targets)
-    bars = bar_rows(cases, targets)
+    fl = floors(records, targets)
+    bars = bar_rows(cases, targets, fl)
     rivals = " / ".join(targets["rule"]["rivals"])
 
     def p(*a):
@@ -277,6 +369,12 @@ def check(paths: list[str], targets_path: str | None = None, out=sys.stdout) -> 
     p(f"results: {', '.join(paths)} ({len(records)} records, {len(cases)} cases)")
     p(f"         {environment_line(records)}")
     p(f"targets: {targets['path']} ({len(bars)} bars)")
+    p(floors_line(fl))
+    if any(r.get("device") == "cpu" for r in records):
+        p("WARNING: records timed on a CPU (the rehearsal of bench/gpu_session.sh): Triton's interpreter, not speeds")
+    for c in cases:
+        if set(c.providers) == {"*"}:
+            p(f"not benchmarked here: {c.op}: {c.providers['*'].get('skipped') or c.providers['*'].get('error')}")
     p("")
     p(f"Bars (bench/targets.toml): {targets['rule']['provider']} against each bar's denominator")
     p(_table([[b.op, shape_str(b.target["shape"]) + ("" if b.provider == "peftops" else f" [{b.provider}]"),

@@ -15,6 +15,11 @@ its builder, so timing excludes compilation), ``peft`` (HF PEFT's own layer),
 ``sdpa_concat``, ``peftops_compile``), and ``peftops[<path>]``: peftops with one of its
 implementation paths forced (added by ``add_path_providers`` for every path the op's
 ``PATHS`` table lists, when its ops module has one).
+
+``bench --device cpu`` (the rehearsal of bench/gpu_session.sh) runs the same loop on a CPU:
+``time_fn`` takes its ``time_cpu`` path, and the providers ``cpu_skip_reason`` names (the
+compiling ones, and any a case lists in ``Case.cuda_only`` with its reason) are recorded as
+``skipped``.
 """
 from __future__ import annotations
 
@@ -47,6 +52,8 @@ class Case:
     iters: int | None = None  # long calls (a training step): this many timed calls instead of do_bench
     forced: dict = dataclasses.field(default_factory=dict)  # provider -> (PathTable op, path)
     knobs: dict = dataclasses.field(default_factory=dict)  # provider -> (module, {attribute: value})
+    cuda_only: dict = dataclasses.field(default_factory=dict)  # provider -> why it cannot run on a CPU
+    method: str = ""  # the METHODS entry that made it (set by run.load_cases)
 
     def context(self, provider: str):
         """What a provider runs under: its forced path and its knobs (module attributes such
@@ -91,6 +98,18 @@ def is_late(provider: str) -> bool:
     """Providers that compile (``compile``, ``*_compile``): timed after all the others, so a
     time budget that runs out loses those, not the peftops numbers."""
     return provider == "compile" or provider.endswith("_compile")
+
+
+CPU_COMPILE_SKIP = ("needs CUDA here: torch.compile's inductor builds Triton kernels on a GPU, but C++ ones "
+                    "on a CPU (a C++ toolchain and minutes per graph on 2 cores): timed on the GPU run only")
+
+
+def cpu_skip_reason(case: Case, provider: str) -> str | None:
+    """Why ``provider`` of ``case`` is not timed on a CPU device (the rehearsal), or None:
+    the case's own ``cuda_only`` entry, or a compiling provider (``is_late``)."""
+    if provider in case.cuda_only:
+        return case.cuda_only[provider]
+    return CPU_COMPILE_SKIP if is_late(provider) else None
 
 
 def add_path_providers(case: Case) -> None:
@@ -198,7 +217,10 @@ def time_fn(fn: Callable[[], object], device: torch.device, rep_ms: float = 100.
     device's peak during it (model, inputs and all). Timing: ``triton.testing.do_bench``
     (warm-up, L2 flush between runs) over ``rep_ms``; or, for calls of a second or so (``iters``
     set), that many calls timed one by one with CUDA events after the memory call (do_bench
-    would spend 5 calls estimating first)."""
+    would spend 5 calls estimating first). On a CPU device (``bench --device cpu``, the
+    rehearsal of bench/gpu_session.sh): ``time_cpu``, no memory figures."""
+    if torch.device(device).type != "cuda":
+        return time_cpu(fn, rep_ms, iters)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
@@ -214,8 +236,7 @@ def time_fn(fn: Callable[[], object], device: torch.device, rep_ms: float = 100.
             end.record()
             torch.cuda.synchronize(device)
             times.append(start.elapsed_time(end))
-        q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
-        med, p20, p80 = (float(v) for v in q)
+        med, p20, p80 = quantiles(times)
     else:
         import triton.testing
 
@@ -224,7 +245,35 @@ def time_fn(fn: Callable[[], object], device: torch.device, rep_ms: float = 100.
             "peak_total_bytes": int(total)}
 
 
-def environment() -> dict:
+CPU_MAX_CALLS = 5  # a CPU timing (the rehearsal: Triton's interpreter) stops after this many calls
+
+
+def time_cpu(fn: Callable[[], object], rep_ms: float = 100.0, iters: int | None = None) -> dict:
+    """The CPU path of ``time_fn`` (the rehearsal of bench/gpu_session.sh): calls timed one by
+    one with ``time.perf_counter`` until ``rep_ms`` is spent (at least 1, at most ``iters`` or
+    ``CPU_MAX_CALLS``; no warm-up: an interpreted kernel call takes 0.1-2 s on a CPU, and these
+    numbers time the interpreter, not a GPU); median / p20 / p80 of those. No memory figures."""
+    import time
+
+    times: list[float] = []
+    limit = min(iters or CPU_MAX_CALLS, CPU_MAX_CALLS)
+    while not times or (len(times) < limit and sum(times) < rep_ms):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    med, p20, p80 = quantiles(times)
+    return {"median_ms": med, "p20": p20, "p80": p80, "peak_mem_bytes": None, "peak_total_bytes": None,
+            "calls": len(times)}
+
+
+def quantiles(times: list[float]) -> tuple[float, float, float]:
+    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    return tuple(float(v) for v in q)
+
+
+def environment(device=None) -> dict:
+    """What every record carries: ``device`` (``cuda`` / ``cpu``: where it was timed),
+    ``gpu_name`` (None on a CPU), torch, triton, commit, python."""
     try:
         import triton
 
@@ -236,12 +285,20 @@ def environment() -> dict:
                                 cwd=os.path.dirname(__file__), check=False).stdout.strip() or None
     except OSError:
         commit = None
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"gpu_name": gpu, "torch": torch.__version__, "triton": triton_version, "commit": commit,
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = torch.cuda.get_device_name() if kind == "cuda" and torch.cuda.is_available() else None
+    return {"device": kind, "gpu_name": gpu, "torch": torch.__version__, "triton": triton_version, "commit": commit,
             "python": platform.python_version()}
 
 
-def results_path(directory: str, gpu_name: str) -> str:
+def device_label(device=None) -> str:
+    """The results file's name stem: the GPU's name, or ``cpu-rehearsal`` on a CPU."""
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.cuda.get_device_name() if kind == "cuda" else "cpu-rehearsal"
+
+
+def results_path(directory: str, gpu_name: str | None) -> str:
+    gpu_name = gpu_name or "cpu-rehearsal"
     slug = "".join(c if c.isalnum() else "-" for c in gpu_name.lower()).strip("-")
     while "--" in slug:
         slug = slug.replace("--", "-")

@@ -1,6 +1,7 @@
 """Compile facts of every peftops kernel variant a run compiled, read from Triton's cache.
 
     python -m peftops.benchmarks.kernel_facts [--cache-dir DIR] [--out kernel_facts.json] [--all]
+    python -m peftops.benchmarks.kernel_facts --compile-check build/compile_check.json [--launches DIR] [--out F]
 
 Triton writes each compiled variant to its cache directory (``TRITON_CACHE_DIR``, default
 ``~/.triton/cache``): ``<hash>/<kernel>.json`` (metadata: warps, stages, shared memory,
@@ -14,6 +15,13 @@ every variant any process compiled. For each variant of a peftops kernel (the na
 * ``REG`` / ``STACK`` / ``SHARED`` / ``LOCAL`` from ``cuobjdump -res-usage`` (the binary ships
   with Triton; no GPU needed; STACK > 0 means spills);
 * ``wgmma``: whether the PTX uses Hopper's warp-group MMA.
+
+Without a GPU (the rehearsal of bench/gpu_session.sh), ``--compile-check FILE`` takes the same
+facts (``REG`` / ``STACK`` / ``SHARED`` / ``wgmma``, no driver numbers) from the JSON
+``python -m peftops compile-check`` wrote, and, where that file does not exist,
+``--launches DIR`` lists the variants a test run's launch record holds (kernel, warps,
+stages, tiles: what a GPU would compile, no register figures). ``source`` in the output says
+which of the three the facts came from.
 """
 from __future__ import annotations
 
@@ -137,13 +145,50 @@ def collect(cache_dir: str, names: set[str] | None) -> list[dict]:
     return facts
 
 
+def from_compile_check(path: str, names: set[str] | None) -> list[dict]:
+    """The facts of ``python -m peftops compile-check``'s JSON (every compiled variant)."""
+    with open(path) as f:
+        data = json.load(f)
+    facts = []
+    for v in data.get("variants", []):
+        if names is not None and v.get("kernel") not in names:
+            continue
+        rec = {"name": v.get("kernel"), "arch": v.get("arch"), "num_warps": (v.get("options") or {}).get("num_warps"),
+               "num_stages": (v.get("options") or {}).get("num_stages"), "shared": v.get("shared"),
+               "dtypes": v.get("dtypes"), "REG": v.get("regs"), "STACK": v.get("stack"), "wgmma": v.get("wgmma")}
+        if not v.get("ok", True):
+            rec["compile_error"] = (v.get("error") or "")[-300:]
+        facts.append(rec)
+    return facts
+
+
+def from_launches(directory: str, names: set[str] | None) -> list[dict]:
+    """The distinct (kernel, warps, stages, tiles) a launch record holds (no compile facts)."""
+    from ..compile_check import load_record
+
+    recs, _ = load_record(directory)
+    seen: dict = {}
+    for r in recs:
+        if names is not None and r.get("name") not in names:
+            continue
+        opts = r.get("options") or {}
+        tiles = {k: v for k, v in sorted((r.get("constexprs") or {}).items()) if str(k).startswith("BLOCK")}
+        rec = {"name": r.get("name"), "num_warps": opts.get("num_warps"), "num_stages": opts.get("num_stages"),
+               "tiles": tiles}
+        seen.setdefault(json.dumps(rec, sort_keys=True, default=str), rec)
+    return list(seen.values())
+
+
 def summary(facts: list[dict]) -> dict:
-    spilling = sorted({f["name"] for f in facts if f.get("n_spills", 0) > 0 or f.get("STACK", 0) > 0})
+    def spills(f):
+        return (f.get("n_spills") or 0) > 0 or (f.get("STACK") or 0) > 0
+
     return {"variants": len(facts), "kernels": len({f["name"] for f in facts}),
-            "spilling_variants": sum(1 for f in facts if f.get("n_spills", 0) > 0 or f.get("STACK", 0) > 0),
-            "spilling_kernels": spilling,
-            "max_regs": max((f.get("n_regs", f.get("REG", 0)) for f in facts), default=0),
-            "with_wgmma": sum(1 for f in facts if f.get("wgmma"))}
+            "spilling_variants": sum(1 for f in facts if spills(f)),
+            "spilling_kernels": sorted({f["name"] for f in facts if spills(f)}),
+            "max_regs": max((f.get("n_regs") or f.get("REG") or 0 for f in facts), default=0),
+            "with_wgmma": sum(1 for f in facts if f.get("wgmma")),
+            "compile_errors": sum(1 for f in facts if f.get("compile_error"))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,9 +196,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", default=default_cache_dir())
     ap.add_argument("--out", default=None, help="write the facts as JSON here")
     ap.add_argument("--all", action="store_true", help="every kernel in the cache, not only peftops'")
+    ap.add_argument("--compile-check", default=None, metavar="JSON",
+                    help="no GPU: the facts of compile-check's JSON instead of a Triton cache (if it exists)")
+    ap.add_argument("--launches", default=None, metavar="DIR",
+                    help="no GPU and no compile-check JSON: the variants of this launch record (no registers)")
     args = ap.parse_args(argv)
-    names = None if args.all else peftops_kernel_names()
-    facts = collect(args.cache_dir, names)
+    # compile-check's JSON and the launch record hold peftops' kernels only (and under the
+    # interpreter the jit functions are not JITFunctions: no name filter for those sources)
+    names = None if args.all or args.compile_check or args.launches else peftops_kernel_names()
+    if args.compile_check and os.path.exists(args.compile_check):
+        source = f"compile-check JSON {args.compile_check}"
+        facts = from_compile_check(args.compile_check, names)
+    elif args.compile_check or args.launches:
+        if not args.launches:
+            raise SystemExit(f"{args.compile_check}: not found (and no --launches)")
+        source = f"launch record {args.launches} (no {args.compile_check or 'compile-check JSON'})"
+        facts = from_launches(args.launches, names)
+    else:
+        source = f"triton cache {args.cache_dir}"
+        facts = collect(args.cache_dir, names)
     gpu = None
     try:
         import torch
@@ -161,11 +222,13 @@ def main(argv: list[str] | None = None) -> int:
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     except Exception:  # pragma: no cover
         pass
-    result = {"gpu_name": gpu, "cache_dir": args.cache_dir, "summary": summary(facts), "kernels": facts}
+    result = {"gpu_name": gpu, "source": source, "cache_dir": args.cache_dir, "summary": summary(facts),
+              "kernels": facts}
     from .core import table
 
     print(table(facts, [(k, k) for k in ("name", "arch", "num_warps", "num_stages", "shared", "n_regs", "n_spills",
                                          "REG", "STACK", "wgmma")]))
+    print(f"source: {source}")
     print(json.dumps(result["summary"]))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

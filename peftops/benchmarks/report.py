@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import os
 
-from .check import (Case, bar_rows, environment_line, fmt_bar, fmt_ms, fmt_ratio, fmt_value, group, load_results,
-                    load_targets, rule_rows, shape_str, _floor_ms)
+from .check import (FLOOR_DENOMINATORS, Case, bar_rows, environment_line, floor_ms, floors, fmt_bar, fmt_ms,
+                    fmt_ratio, fmt_value, group, load_results, load_targets, rule_rows, shape_str)
 
 BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
+CPU_NOTE = "the rehearsal of bench/gpu_session.sh"
 
 # Chart: colour and marker per provider (peftops stands out; forced paths are hollow).
 STYLE = {
@@ -54,19 +55,23 @@ def op_short(op: str) -> str:
     return rest or op
 
 
-def denominator(case: Case, targets: dict) -> tuple[str | None, float | None]:
-    """(name, ms) a case's times are divided by in the chart."""
-    hbm = targets["floor"].get("hbm_bytes_per_s")
+FLOOR_NAMES = {"hbm_floor": "HBM floor", "gemm_floor": "GEMM floor"}
+
+
+def denominator(case: Case, targets: dict, fl: dict | None = None) -> tuple[str | None, float | None]:
+    """(name, ms) a case's times are divided by in the chart; ``fl``: the file's floors
+    (``check.floors``: measured, else nominal)."""
+    fl = fl or floors(list(case.providers.values()), targets)
     for t in targets["target"]:
         if (t["op"] == case.op and t["shape"] == case.shape and t.get("metric", "median_ms") == "median_ms"):
             den = t["denominator"]
-            if den == "hbm_floor":
+            if den in FLOOR_DENOMINATORS:
                 rec = case.providers.get(t.get("provider", "peftops")) or next(iter(case.providers.values()))
-                ms = _floor_ms(rec, hbm)
+                ms = floor_ms(den, rec, fl)
             else:
                 ms = case.ms(den)
             if ms:
-                return ("HBM floor" if den == "hbm_floor" else den), ms
+                return FLOOR_NAMES.get(den, den), ms
     for den in ("cublas_base", "sdpa_no_prefix", "eager", "peft", "compile"):
         if case.ms(den):
             return den, case.ms(den)
@@ -78,7 +83,7 @@ def _bar_tick(case: Case, targets: dict, den: str) -> float | None:
     for t in targets["target"]:
         if (t["op"] == case.op and t["shape"] == case.shape and t.get("metric", "median_ms") == "median_ms"
                 and t.get("provider", "peftops") == "peftops"
-                and (t["denominator"] == den or (t["denominator"] == "hbm_floor" and den == "HBM floor"))):
+                and (t["denominator"] == den or FLOOR_NAMES.get(t["denominator"]) == den)):
             return t["must"] if t["bar"] == "<=" else 1.0 / t["must"]
     return None
 
@@ -92,9 +97,10 @@ def chart(records: list[dict], targets: dict, path: str, title: str) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     cases = [c for c in group(records) if c.ms("peftops") or any(p.startswith("peftops") for p in c.providers)]
+    fl = floors(records, targets)
     panels: dict[str, list] = {}
     for c in cases:
-        den, den_ms = denominator(c, targets)
+        den, den_ms = denominator(c, targets, fl)
         if den_ms:
             panels.setdefault(family(c.op), []).append((c, den, den_ms))
     if not panels:
@@ -162,7 +168,8 @@ def markdown(paths: list[str], targets: dict, base_dir: str = ".", png: str | No
     records = load_results(paths)
     cases = group(records)
     rules = rule_rows(cases, targets)
-    bars = bar_rows(cases, targets)
+    fl = floors(records, targets)
+    bars = bar_rows(cases, targets, fl)
     rivals = " / ".join(targets["rule"]["rivals"])
     judged = [r for r in rules if r.status in ("ok", "SLOWER")]
     slower = [r for r in rules if r.failed]
@@ -176,6 +183,12 @@ def markdown(paths: list[str], targets: dict, base_dir: str = ".", png: str | No
         f"{len(records)} records in {files}; bars from "
         f"[`bench/targets.toml`]({_rel(targets['path'], base_dir)}).",
         "",
+        f"Floors: HBM {fl['hbm_label']}; GEMM {fl['gemm_label']}.",
+        "",
+    ]
+    if any(r.get("device") == "cpu" for r in records):
+        lines += [f"**Timed on a CPU** ({CPU_NOTE}): the times below are Triton's interpreter's, not speeds.", ""]
+    lines += [
         f"peftops was **slower than the fastest of {rivals}** (+ `sdpa_concat` for prefix attention) in "
         f"**{len(slower)} of {len(judged)}** cases; bars met: **{len(met)} of {len(bars)}** "
         f"({len(missed)} missed, {len(unmeasured)} not measured in this file); moonshots met: "
