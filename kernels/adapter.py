@@ -32,7 +32,7 @@ Three kernels:
 import triton
 import triton.language as tl
 
-from . import cdiv, next_pow2
+from . import FP32, HALF, SIZES, cdiv, enumerates, next_pow2, variant
 
 # Activation ids (constexpr): the host maps names to these.
 RELU, GELU, GELU_TANH, SILU = 0, 1, 2, 3
@@ -295,11 +295,29 @@ def rows_config(T, D, MW, interpret, forward=False, half=True):
         return dict(BLOCK_M=64, BLOCK_D=128, num_warps=8, num_stages=3)
     if T <= 16:  # at m > 128, 128-wide d tiles in fp32 need 280 KiB of shared memory
         return dict(BLOCK_M=16, BLOCK_D=128 if block_w <= 128 else 64, num_warps=4, num_stages=3)
+    if block_w <= 16 and not forward:  # 32 x 128 left an 8 B stack frame (triton 3.9, sm_90: GELU, no gate
+        # or no up bias, at 56 registers); 32 x 64 keeps the same bytes in flight (two 6 KiB stages
+        # ahead, not one of 12) at 44-64 registers, spill-free under 3.6 and 3.9
+        return dict(BLOCK_M=32, BLOCK_D=64, num_warps=4, num_stages=3)
     if block_w <= 64:
         return dict(BLOCK_M=32, BLOCK_D=128, num_warps=4, num_stages=3)
     if block_w <= 128:
         return dict(BLOCK_M=32, BLOCK_D=64, num_warps=4, num_stages=3)
     return dict(BLOCK_M=32, BLOCK_D=64, num_warps=8, num_stages=3)  # 64-row tiles spilled 288 B (backward)
+
+
+# The bottleneck widths the launchers block m to (ops/adapter.py: next_pow2(m) >= 16, m <= 256).
+WIDTH_BLOCKS = (16, 32, 64, 128, 256)
+
+
+@enumerates(rows_config)
+def rows_config_variants():
+    for T in SIZES:
+        for block_w in WIDTH_BLOCKS:
+            for half in (True, False):
+                yield variant("adapter_fwd_kernel", rows_config(T, 4096, block_w, False, forward=True, half=half),
+                              dtypes=HALF if half else FP32, BLOCK_W=block_w)
+            yield variant("adapter_bwd_rows_kernel", rows_config(T, 4096, block_w, False), BLOCK_W=block_w)
 
 
 def weights_config(T, D, MW, want_programs, interpret):
@@ -320,3 +338,9 @@ def weights_config(T, D, MW, want_programs, interpret):
     splits = cdiv(T, rows_per_split)
     return dict(BLOCK_M=block_m, BLOCK_D=block_d, splits=splits, rows_per_split=rows_per_split,
                 num_warps=4 if MW <= 64 else 8, num_stages=2)
+
+
+@enumerates(weights_config)
+def weights_config_variants():
+    for block_w in WIDTH_BLOCKS:
+        yield variant("adapter_bwd_weights_kernel", weights_config(8192, 4096, block_w, 264, False), BLOCK_W=block_w)

@@ -29,6 +29,8 @@ first closely, so it mostly hits L2).
 import triton
 import triton.language as tl
 
+from . import SIZES, enumerates, variant
+
 # Largest [BLOCK_N, BLOCK_D] tile kept whole in registers (one read of u per token), and
 # the chunk size of the two-sweep path. Module-level so tests can shrink them to exercise
 # the looped path on small shapes.
@@ -56,6 +58,27 @@ def config(N: int, D: int, backward: bool) -> dict:
     tile = block_n * block_d
     num_warps = 1 if tile <= 256 else 2 if tile <= 1024 else 4 if tile <= 4096 else 8
     return {"BLOCK_N": block_n, "BLOCK_D": block_d, "ONE_PASS": one_pass, "num_warps": num_warps}
+
+
+# Up to this many fused adapters is enumerated for compile-check (AdapterFusion fuses a few).
+ENUMERATED_MAX_N = 64
+
+
+@enumerates(config)
+def config_variants():
+    """Per regime config distinguishes (direction, one pass or chunked, warps): its tiles with
+    the fewest and the most rows (no tl.dot here: registers go with the tile's elements a
+    thread, which the regime bounds; the extremes bound the layouts)."""
+    for backward in (False, True):
+        regimes: dict = {}
+        for n in (n for n in SIZES if 2 <= n <= ENUMERATED_MAX_N):
+            for d in (d for d in SIZES if 16 <= d <= 2 * ONE_PASS_MAX_FWD):
+                cfg = config(n, d, backward)
+                regimes.setdefault((cfg["ONE_PASS"], cfg["num_warps"]), []).append(cfg)
+        for cfgs in regimes.values():
+            by_rows = sorted(cfgs, key=lambda c: (c["BLOCK_N"], c["BLOCK_D"]))
+            for cfg in (by_rows[0], by_rows[-1]):
+                yield variant("fusion_bwd_kernel" if backward else "fusion_fwd_kernel", cfg)
 
 
 @triton.jit

@@ -36,6 +36,7 @@ blocks: its programs load l first and run zero K iterations unless a column of t
 import triton
 import triton.language as tl
 
+from . import SIZES, enumerates, variant
 from .gemm import block_of
 
 
@@ -150,7 +151,21 @@ def gemm_config(M, N, K, interpret, colsum=False, in_scale=False):
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
+@enumerates(gemm_config)
+def gemm_config_variants():
+    for M in SIZES:
+        # the column-sum epilogue is output scaling's (ops/ia3.py): never with A_SCALE
+        for colsum, in_scale in ((False, False), (True, False), (False, True)):
+            yield variant("ia3_gemm_kernel", gemm_config(M, 4096, 4096, False, colsum=colsum, in_scale=in_scale),
+                          where=dict(EPI_COLSUM=colsum, A_SCALE=in_scale))
+
+
 def colsum_config(M, N, interpret):
     if interpret:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
     return dict(BLOCK_M=64, BLOCK_N=128, num_warps=4)
+
+
+@enumerates(colsum_config)
+def colsum_config_variants():
+    yield variant("ia3_colsum_kernel", colsum_config(4096, 4096, False))

@@ -36,7 +36,7 @@ Dropout: keep(m, n) = rand(seed, m * n_cols + n) >= p, scaled by 1 / (1 - p); th
 import triton
 import triton.language as tl
 
-from . import cdiv, next_pow2
+from . import FP32, HALF, SIZES, cdiv, enumerates, next_pow2, variant
 from .gemm import block_of, tile_of, tma_mainloop
 
 
@@ -391,6 +391,24 @@ def gemm_config(M, N, K, interpret, num_sms, drop_epi=False, drop_s=False):
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, **one)
 
 
+# The SM counts compile-check enumerates the SM-dependent configs for: an H100 / H200 (132), an A100 (108).
+ENUMERATED_SMS = (132, 108)
+# Output widths / reduction depths the enumerations evaluate the split-K and tile choices at.
+_ENUM_WIDTHS = (256, 1024, 4096, 16384)
+
+
+@enumerates(gemm_config)
+def gemm_config_variants():
+    for M in SIZES:
+        for N in _ENUM_WIDTHS:
+            for sms in ENUMERATED_SMS:
+                for drop_epi, drop_s in ((False, False), (True, False), (False, True))[:3 if M <= FUSE_S_MAX_ROWS else 2]:
+                    cfg = gemm_config(M, N, 4096, False, sms, drop_epi=drop_epi, drop_s=drop_s)
+                    # > 64 rows S comes in made (FUSE_S only up to FUSE_S_MAX_ROWS; beyond, the TMA kernel)
+                    where = dict(DROP_EPI=drop_epi, DROP_S=drop_s, **({} if M <= FUSE_S_MAX_ROWS else dict(FUSE_S=False)))
+                    yield variant("lora_gemm_kernel", cfg, where=where, SPLIT_K=cfg["splits"] > 1)
+
+
 # Decode split-K (lora_gemm_kernel's SPLIT_K): on (DECODE_SPLIT_K), each split at least this
 # many K columns deep (4 K-steps of 128: the 4-stage pipeline stays full).
 DECODE_SPLIT_K = True
@@ -442,12 +460,34 @@ def tma_config(M, N, K, interpret, num_sms, drop_epi=False):
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8 if drop_epi else 4, num_stages=4)
 
 
+def _tma_descs(c):
+    """lora_gemm_tma_kernel's TMA descriptor boxes (ops/lora.py ``_gemm``) for constexprs ``c``."""
+    bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+    return {"x_desc": [bm, bk], "w_desc": [bn, bk] if c["W_NK"] else [bk, bn],
+            "a_desc": [c["BLOCK_R"], bk] if c["FUSE_S"] else [bm, bk], "out_desc": [bm, bn]}
+
+
+@enumerates(tma_config)
+def tma_config_variants():
+    for M in (m for m in SIZES if m >= TMA_MIN_ROWS):
+        for N in _ENUM_WIDTHS:
+            for drop_epi in (False, True):
+                yield variant("lora_gemm_tma_kernel", tma_config(M, N, 4096, False, 132, drop_epi=drop_epi),
+                              dtypes=HALF, where=dict(DROP_EPI=drop_epi), descs=_tma_descs)
+
+
 def rank_add_config(M, N, interpret, dropout=False):
     """Launch config for ``lora_rank_add_kernel`` (memory-bound: one read + one write of
     out); 8 warps with dropout (the Philox state: 254 registers a thread at 4)."""
     if interpret:
         return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4)
     return dict(BLOCK_M=64, BLOCK_N=128, num_warps=8 if dropout else 4)
+
+
+@enumerates(rank_add_config)
+def rank_add_config_variants():
+    for dropout in (False, True):
+        yield variant("lora_rank_add_kernel", rank_add_config(4096, 4096, False, dropout), where=dict(DROPOUT=dropout))
 
 
 def skinny_config(M, N, want_programs, interpret, half=True):
@@ -473,6 +513,13 @@ def skinny_config(M, N, want_programs, interpret, half=True):
 
 
 SKINNY_TALL_ROWS = 2048  # from here on lora_skinny_kernel takes 256-row blocks
+
+
+@enumerates(skinny_config)
+def skinny_config_variants():
+    for M in SIZES:
+        for half in (True, False):
+            yield variant("lora_skinny_kernel", skinny_config(M, 4096, 264, False, half=half), dtypes=HALF if half else FP32)
 
 
 @triton.jit

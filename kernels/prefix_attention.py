@@ -34,6 +34,8 @@ there too (over heads, and over rows for a per-sample gate).
 import triton
 import triton.language as tl
 
+from . import FP32, HALF, SIZES, enumerates, variant
+
 
 @triton.jit
 def _online_softmax_step(s, vt, m_i, l_i, acc, v_scale, PRECISION: tl.constexpr):
@@ -405,3 +407,25 @@ def bwd_config(T, D, elt, interpret):
     if BD == 64:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)  # D <= 32: 64 x 32 spilled 8-40 B
+
+
+# The head dims the launchers block D to (ops/prefix_attention.py: next_pow2(D) >= 16, D <= 256).
+HEAD_DIM_BLOCKS = (16, 32, 64, 128, 256)
+
+
+@enumerates(fwd_config)
+def fwd_config_variants():
+    for T in SIZES:
+        for D in HEAD_DIM_BLOCKS:
+            for elt, dtypes in ((2, HALF), (4, FP32)):
+                yield variant("prefix_attn_fwd_kernel", fwd_config(T, D, elt, False), dtypes=dtypes, BLOCK_D=D)
+
+
+@enumerates(bwd_config)
+def bwd_config_variants():
+    for T in SIZES:
+        for D in HEAD_DIM_BLOCKS:
+            for elt, dtypes in ((2, HALF), (4, FP32)):
+                cfg = bwd_config(T, D, elt, False)
+                for kernel in ("prefix_attn_bwd_dq_kernel", "prefix_attn_bwd_dkdv_kernel"):
+                    yield variant(kernel, cfg, dtypes=dtypes, BLOCK_D=D)

@@ -45,6 +45,7 @@ LAUNCH_DIR = os.path.join(REPO, "build", "launches")
 # Dynamic shared memory a block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 SHARED_LIMIT = {90: 232448, 80: 166912}
 HALF = ("*bf16", "*fp16")
+HALF_DTYPES = ("bfloat16", "float16")
 
 
 # ----------------------------------------------------------------- 1. the recorded launches
@@ -88,6 +89,119 @@ def run_suite_recording(jobs: int) -> None:
         cmd[3:3] = ["-n", str(jobs)]
     print("recording launches: " + " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, cwd=REPO, env=env, check=True)
+
+
+# ----------------------------------------------------------------- 1b. the configs the launchers can pick
+def config_functions(module) -> dict:
+    """A kernel module's launch-config functions: its own callables named ``*config``."""
+    return {name: fn for name, fn in vars(module).items()
+            if name.endswith("config") and callable(fn) and getattr(fn, "__module__", None) == module.__name__}
+
+
+def kernel_modules() -> list:
+    import pkgutil
+
+    from . import kernels
+
+    return [importlib.import_module(f"{kernels.__name__}.{m.name}") for m in pkgutil.iter_modules(kernels.__path__)]
+
+
+def declared_variants() -> list[tuple[str, str, dict]]:
+    """(kernel module, config function, variant) for every config each launch-config function in
+    kernels/ declares it can return (``kernels.enumerates``), deduplicated."""
+    out: dict[str, tuple[str, str, dict]] = {}
+    for module in kernel_modules():
+        for name, fn in config_functions(module).items():
+            for v in getattr(fn, "variants", lambda: ())():
+                key = json.dumps([module.__name__, {k: x for k, x in v.items() if k != "descs"}], sort_keys=True)
+                out.setdefault(key, (module.__name__, name, v))
+    return list(out.values())
+
+
+def _first_dtype(rec: dict) -> str | None:
+    return next((d for d in map(_arg_dtype, rec["args"]) if d), None)
+
+
+def _flag_path(rec: dict, replaced: set) -> str:
+    """A launch's code path less what a config replaces (its block constexprs, warps, stages,
+    descriptor boxes) and its integer values: the flags and dtypes a config is applied to."""
+    kinds = [["tensordesc", a[1]["dtype"]] if a[0] == "tensordesc" else ["int"] if a[0] == "int" else a
+             for a in rec["args"] if a[0] not in ("float", "bool", "constexpr")]
+    return json.dumps([rec["module"], rec["name"], {k: v for k, v in rec["options"].items() if k not in replaced},
+                       {k: v for k, v in rec["constexprs"].items() if k not in replaced}, kinds], sort_keys=True)
+
+
+def _apply(template: dict, module: str, fn_name: str, v: dict) -> dict:
+    """``template`` (a recorded launch) with variant ``v``'s constexprs, options, descriptor boxes."""
+    names = getattr(importlib.import_module(module), v["kernel"]).arg_names
+    rec = json.loads(json.dumps(template))
+    unknown = set(v["constexprs"]) - set(rec["constexprs"])
+    if unknown:
+        raise ValueError(f"{module}.{fn_name}: variant sets {sorted(unknown)}, not constexprs of {v['kernel']}")
+    rec["constexprs"].update(v["constexprs"])
+    rec["options"].update(v["options"])
+    boxes = v["descs"](rec["constexprs"]) if v["descs"] else {}
+    for i, name in enumerate(names):
+        if name in v["constexprs"]:
+            rec["args"][i] = ["constexpr", v["constexprs"][name]]
+        if name in boxes:
+            rec["args"][i][1]["block_shape"] = list(boxes[name])
+    rec["enumerated"] = fn_name
+    return rec
+
+
+def _maximal(groups: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """The flag paths no other one contains: among paths of the same dtypes and non-boolean
+    constexprs (activation, precisions), those whose set of true boolean flags is not a strict
+    subset of another's (every optional feature on: the most registers live)."""
+    def parts(path):
+        module, name, options, cx, kinds = json.loads(path)
+        flags = frozenset(k for k, v in cx.items() if v is True)
+        rest = json.dumps([options, {k: v for k, v in cx.items() if not isinstance(v, bool)}, kinds], sort_keys=True)
+        return rest, flags
+    split = {p: parts(p) for p in groups}
+    return {p: g for p, g in groups.items()
+            if not any(r == split[p][0] and split[p][1] < f for q, (r, f) in split.items() if q != p)}
+
+
+def enumerated_launches(recs: list[dict], lean: bool = True) -> tuple[list[dict], list[str]]:
+    """Every declared config applied to each distinct flag path (flags, dtypes) of the recorded
+    launches it applies to (one launch per path: its most frequent integer pattern, the
+    contiguous case), and the declared configs no recorded launch takes (a test should reach
+    its flags), for kernels the record has at all."""
+    by_kernel: dict[tuple, list[dict]] = {}
+    for rec in recs:
+        by_kernel.setdefault((rec["module"], rec["name"]), []).append(rec)
+    out: dict[str, dict] = {}
+    unreached = []
+    for module, fn_name, v in declared_variants():
+        launches = by_kernel.get((module, v["kernel"]))
+        if not launches:
+            continue
+        replaced = set(v["constexprs"]) | set(v["options"])
+        groups: dict[str, list[dict]] = {}
+        for rec in launches:
+            if v["dtypes"] and _first_dtype(rec) not in v["dtypes"]:
+                continue
+            if any(rec["constexprs"].get(k) != x for k, x in v["where"].items()):
+                continue
+            groups.setdefault(_flag_path(rec, replaced), []).append(rec)
+        if lean:  # half precision: every flag path (register allocation is not monotone in the flags:
+            # fewer features can mean a lower register target and a spill); fp32 (spills reported,
+            # not fatal): the maximal ones, for compile errors and shared memory
+            full_ = {p: g for p, g in groups.items() if _first_dtype(g[0]) in HALF_DTYPES}
+            groups = {**_maximal({p: g for p, g in groups.items() if p not in full_}), **full_}
+        if not groups:
+            unreached.append(f"{module}.{fn_name} -> {v['kernel']} {v['constexprs']} {v['options']} "
+                             f"dtypes={v['dtypes']} where={v['where']}")
+        for group in groups.values():
+            counts: dict[tuple, int] = {}
+            for rec in group:
+                counts[_int_pattern(rec)] = counts.get(_int_pattern(rec), 0) + 1
+            best = max(counts, key=lambda p: (sum(p), counts[p]))  # the most unit strides: the contiguous case
+            new = _apply(next(r for r in group if _int_pattern(r) == best), module, fn_name, v)
+            out.setdefault(json.dumps(new, sort_keys=True), new)
+    return list(out.values()), unreached
 
 
 # ----------------------------------------------------------------- 2. specialisation
@@ -163,14 +277,18 @@ def min_arch(rec: dict) -> int:
     return getattr(importlib.import_module(rec["module"]), "MIN_ARCH", {}).get(rec["name"], 0)
 
 
-def plan(recs: list[dict], archs: list[int], full_archs: set[int]) -> list[tuple[dict, int]]:
+def plan(recs: list[dict], archs: list[int], full_archs: set[int],
+         enum_archs: set[int] | None = None) -> list[tuple[dict, int]]:
     """(launch, arch) pairs to compile: every distinct specialisation on ``full_archs``; on the
     other archs one per half-precision code path (its most frequent integer pattern: the
     contiguous case), which is what their check needs (compile errors, shared memory) at a
-    quarter of the cost: a cold compile takes ~2.7 s of one core."""
+    quarter of the cost: a cold compile takes ~2.7 s of one core. Enumerated launches
+    (``enumerated_launches``) only on ``enum_archs`` (None: every arch), after the recorded
+    ones, so a specialisation the record has is compiled once, as recorded."""
     jobs: dict[str, tuple[dict, int]] = {}
     for arch in archs:
-        eligible = [r for r in recs if arch >= min_arch(r)]
+        eligible = [r for r in recs if arch >= min_arch(r)
+                    and (enum_archs is None or arch in enum_archs or "enumerated" not in r)]
         if arch in full_archs:
             for rec in eligible:
                 jobs.setdefault(_spec_key(rec, arch), (rec, arch))
@@ -202,6 +320,13 @@ def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def compile_one(rec: dict, arch: int) -> dict:
     import triton
     from triton.compiler import ASTSource
@@ -209,7 +334,7 @@ def compile_one(rec: dict, arch: int) -> dict:
     out = {"kernel": rec["name"], "module": rec["module"], "arch": arch, "options": rec["options"],
            "constexprs": {k: v for k, v in rec["constexprs"].items() if isinstance(v, (int, bool, str, float))},
            "dtypes": sorted({_arg_dtype(a) for a in rec["args"]} - {None})}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     try:
         fn, signature, constexprs, attrs, options, target = specialise(rec, arch)
         out["signature"] = {k: v for k, v in signature.items() if v != "constexpr"}
@@ -227,6 +352,9 @@ def compile_one(rec: dict, arch: int) -> dict:
     except Exception as exc:  # reported per variant; the check fails on it
         out.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[-1500:]}")
     out["seconds"] = round(time.perf_counter() - t0, 2)
+    out["cpu_seconds"] = round(_cpu_seconds() - c0, 2)  # this process and its ptxas / cuobjdump: load-independent
+    if "enumerated" in rec:
+        out["enumerated"] = rec["enumerated"]
     return out
 
 
@@ -264,9 +392,16 @@ def print_tables(results: list[dict]) -> None:
                          "tiles": _blocks(r), "warps/stages": f"{r['options'].get('num_warps')}/{r['options'].get('num_stages')}",
                          "flags": _flags(r), "regs": r.get("regs"), "spill B": r.get("stack"),
                          "smem KiB": None if r.get("shared") is None else round(r["shared"] / 1024, 1),
-                         "wgmma": {True: "yes", False: "no"}.get(r.get("wgmma")), "status": why or "ok"})
+                         "wgmma": {True: "yes", False: "no"}.get(r.get("wgmma")),
+                         "from": r.get("enumerated", "record"), "status": why or "ok"})
         print(f"\n{name} ({len(rows)} variants)")
         print(table(rows, [(k, k) for k in rows[0]]))
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,6 +416,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="use the record as it is, even of a partial run (kernel work: record one test file "
                              "with `PEFTOPS_GPU_CONFIGS=1 TRITON_INTERPRET=1 pytest -p peftops.launch_log FILE`)")
     parser.add_argument("--kernels", default="", help="only these kernel names (comma-separated)")
+    parser.add_argument("--where", default="",
+                        help="only launches with these constexpr / option values, e.g. BLOCK_W=16,ACT=1,num_warps=4")
+    parser.add_argument("--enumerated-only", action="store_true", help="only the enumerated configs the record lacks")
+    parser.add_argument("--enum-all", action="store_true",
+                        help="apply each enumerated config to every recorded flag path, not only the maximal ones")
+    parser.add_argument("--enum-arch", default="90",
+                        help="archs the enumerated configs (every config a launch-config function can return, "
+                             "not only those the record reached) are compiled for; '' for none")
     parser.add_argument("--json", default=os.path.join(REPO, "build", "compile_check.json"))
     args = parser.parse_args(argv)
     archs = [int(a) for a in args.arch.split(",") if a]
@@ -303,11 +446,24 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     full = {int(a) for a in args.full_arch.split(",") if a}
-    jobs = plan(recs, archs, full)
+    enum_archs = {int(a) for a in args.enum_arch.split(",") if a}
+    enumerated, unreached = enumerated_launches(recs, lean=not args.enum_all) if enum_archs & set(archs) else ([], [])
+    enumerated = [r for r in enumerated if not wanted or r["name"] in wanted]
+    where = dict(kv.split("=", 1) for kv in args.where.split(",") if kv)
+
+    def keep(rec):
+        values = {**rec["constexprs"], **rec["options"]}
+        return all(str(values.get(k)) == v for k, v in where.items())
+    jobs = plan([r for r in recs if keep(r)] + [r for r in enumerated if keep(r)], archs, full, enum_archs)
+    if args.enumerated_only:
+        jobs = [(r, a) for r, a in jobs if "enumerated" in r]
     per_arch = {a: sum(1 for _, b in jobs if b == a) for a in archs}
-    print(f"{len(recs)} recorded launches -> " + ", ".join(
+    print(f"{len(recs)} recorded launches + {len(enumerated)} enumerated configs (each launch-config function's "
+          f"configs on the recorded flag paths; {sum('enumerated' in r for r, _ in jobs)} compiled: not in the record) -> " + ", ".join(
         f"sm_{a}: {n} {'specialisations' if a in full else 'half-precision code paths'}" for a, n in per_arch.items())
         + f"; compiling with {args.jobs} processes ...", flush=True)
+    for u in unreached:
+        print(f"  no recorded launch takes this declared config (no test reaches its flags): {u}")
     results = []
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(compile_one, rec, arch) for rec, arch in jobs]
@@ -322,16 +478,24 @@ def main(argv: list[str] | None = None) -> int:
     fp32_spills = [r for r in results if r["ok"] and r["stack"] > 0 and not verdict(r)]
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"archs": archs, "variants": results, "failures": len(failures),
+        json.dump({"archs": archs, "variants": results, "failures": len(failures), "unreached_configs": unreached,
+                   "triton": _triton_version(),
                    "record": manifest, "seconds": round(time.perf_counter() - t0, 1)}, f, indent=1, default=str)
-    print(f"\ncompile-check: {len(results)} specialisations, {len(failures)} failing, "
+    cpu = sum(r.get("cpu_seconds", 0.0) for r in results)
+    print(f"\ncompile-check (triton {_triton_version()}): {len(results)} specialisations "
+          f"({sum('enumerated' in r for r in results)} enumerated configs), {len(failures)} failing, "
           f"{len(fp32_spills)} fp32 variants with spills (reported, not fatal); "
-          f"{time.perf_counter() - t0:.0f}s; JSON: {os.path.relpath(args.json)}")
+          f"{time.perf_counter() - t0:.0f}s ({cpu:.0f} CPU s: {cpu / max(len(results), 1):.2f} a variant); "
+          f"JSON: {os.path.relpath(args.json)}")
     for r, why in failures:
-        print(f"  FAIL {r['kernel']} sm_{r['arch']} {','.join(r['dtypes'])} [{_blocks(r)}] {_flags(r)}: {why}")
+        src = f" (enumerated from {r['enumerated']})" if "enumerated" in r else ""
+        print(f"  FAIL {r['kernel']} sm_{r['arch']} {','.join(r['dtypes'])} [{_blocks(r)}] "
+              f"{r['options'].get('num_warps')}/{r['options'].get('num_stages')} {_flags(r)}{src}: {why}")
         if not r["ok"]:
             print("       " + r["error"].strip().splitlines()[-1][:400])
-    return 1 if failures else 0
+    if unreached and not (args.allow_partial or wanted):
+        print(f"  FAIL {len(unreached)} declared configs no recorded launch takes: a test must reach their flags")
+    return 1 if failures or (unreached and not (args.allow_partial or wanted)) else 0
 
 
 if __name__ == "__main__":

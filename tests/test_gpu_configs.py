@@ -122,7 +122,7 @@ def test_lora_decode_split_k_64_rows(dropout, monkeypatch):
 
 # ----------------------------------------------------- bottleneck adapter: rows x width regimes
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m", [24, 100, 200], ids=["m<=64", "m<=128", "m>128"])
+@pytest.mark.parametrize("m", [12, 24, 100, 200], ids=["m<=16", "m<=64", "m<=128", "m>128"])
 @pytest.mark.parametrize("rows", [7, 40], ids=["T<=16", "T>16"])
 def test_adapter_row_and_width_regimes(rows, m, dtype):
     from test_adapter import adapter_args, run_parity
