@@ -3,6 +3,7 @@
 # method name -> module defining ``cases(device, dtype, small)``; each slice adds its line.
 METHODS = {
     "adapter": "peftops.benchmarks.adapter",
+    "adapterhub": "peftops.benchmarks.adapterhub",
     "e2e": "peftops.benchmarks.e2e",
     "fusion": "peftops.benchmarks.fusion",
     "ia3": "peftops.benchmarks.ia3",
