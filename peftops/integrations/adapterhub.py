@@ -41,6 +41,7 @@ from ..ops.adapter import bottleneck_adapter
 from ..ops.fusion import adapter_fusion
 from ..ops.ia3 import ia3_linear
 from ..ops.lora import lora_linear
+from ..ops.prefix_attention import prefix_attention
 from ..ops.unipelt import gated_lora_linear
 
 from adapters.composition import AdapterCompositionBlock, Fuse, Stack
@@ -49,6 +50,7 @@ from adapters.methods.adapter_layer_base import AdapterLayerBase
 from adapters.methods.bottleneck import BottleneckLayer
 from adapters.methods.lora import IA3, LoRA, LoRALinearTorch
 from adapters.methods.modeling import Adapter, BertFusion, ParallelAdapter
+from adapters.methods.prefix_tuning import PrefixTuningLayer
 
 log = logging.getLogger("peftops")
 
@@ -368,11 +370,147 @@ def _lora_layer_reason(layer) -> str | None:
 
 _LORA_CLASSES = {LoRALinearTorch: PeftopsLoRALinear}
 
+# ---------------------------------------------------------------------- prefix tuning (Llama)
+# Model types whose AdapterHub attention calls ``self.prefix_tuning(...)`` and then the
+# configured transformers attention function (so the prefix can be handed to our attention
+# function instead of being concatenated), with whether that attention is causal. BERT /
+# RoBERTa compute their attention inline in AdapterHub's modeling code: not routable.
+_PREFIX_FAMILIES = {"llama": True}
+_ATTN_PREFIX = "peftops_adapterhub_prefix_"
+
+
+def _prefix_reason(layer, key_states, residual_input) -> tuple[str | None, str | None]:
+    """(the one active prefix of this layer, None) or (None, reason)."""
+    setup = layer.get_active_setup()
+    if setup is None:
+        return None, None
+    if not str(layer.model_config._attn_implementation).startswith(_ATTN_PREFIX):
+        return None, "the model's attention implementation was changed after accelerate"
+    if not isinstance(setup, Stack):
+        return None, f"{type(setup).__name__} composition over prefix tuning"
+    mine = [c for c in setup if isinstance(c, AdapterCompositionBlock) or c in layer.prefixes]
+    if len(mine) != 1 or isinstance(mine[0], AdapterCompositionBlock):
+        return None, "several prefixes (or a nested block) active in one layer"
+    if layer.training and float(getattr(layer.model_config, "attention_dropout", 0.0) or 0.0) > 0.0:
+        return None, "attention dropout in training"
+    if key_states.shape[2] != residual_input.shape[1]:
+        return None, "KV cache (keys longer than the queries)"
+    ctx = ForwardContext.get_context()
+    if ctx is None or getattr(ctx, "output_adapter_gating_scores", False):
+        return None, "no forward context, or gating scores requested"
+    pk, _ = ctx.prefix_states[mine[0]][layer.location_key][layer.prefixes[mine[0]]]
+    if pk.shape[0] != key_states.shape[0]:
+        return None, "prefix batch differs from the keys' (Parallel / BatchSplit replication)"
+    return mine[0], None
+
+
+class PeftopsPrefixTuningLayer(PrefixTuningLayer):
+    """AdapterHub's ``PrefixTuningLayer`` that hands the (gated) prefix of the one active
+    prefix adapter to peftops' attention function (``_prefix_attention``: one
+    ``peftops.prefix_attention`` call, no concatenation) instead of concatenating it."""
+
+    def forward(self, key_states, value_states, residual_input, attention_mask=None, invert_mask=True):
+        name, reason = _prefix_reason(self, key_states, residual_input)
+        if name is None:
+            if reason is not None:
+                _count("prefix", reason)
+            return PrefixTuningLayer.forward(self, key_states, value_states, residual_input, attention_mask,
+                                             invert_mask)
+        ctx = ForwardContext.get_context()
+        pk, pv = ctx.prefix_states[name][self.location_key][self.prefixes[name]]
+        gate = None
+        if name in self.prefix_gates:  # AdapterHub: mean over the sequence of sigmoid(gate(x)), per sample
+            gate = torch.mean(torch.sigmoid(self.prefix_gates[name](residual_input)), dim=1)
+        _local.prefix = (key_states, pk, pv, gate)
+        return key_states, value_states, attention_mask
+
+
+def _prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers attention function ``peftops_adapterhub_prefix_<impl>``: the prefix the
+    layer above handed over through ``peftops.prefix_attention``; otherwise (no prefix, or a
+    case it does not take) the model's previous implementation ``<impl>``."""
+    import sys
+
+    stash, _local.prefix = getattr(_local, "prefix", None), None
+    prev = module.config._attn_implementation[len(_ATTN_PREFIX):]
+    reason = None
+    if stash is not None and stash[0] is not key:
+        reason, stash = "keys changed between the prefix layer and the attention", None
+    if stash is not None:
+        if dropout > 0.0:
+            reason = "attention dropout in training"
+        elif key.shape[2] != query.shape[2]:
+            reason = "KV cache (keys longer than the queries)"
+        elif scaling is not None and abs(scaling * query.shape[-1] ** 0.5 - 1.0) > 1e-6:
+            reason = f"attention scale {scaling} is not 1/sqrt(head_dim)"
+        elif kwargs.get("sliding_window") is not None:
+            reason = "sliding-window attention"
+        else:
+            reason = _input_reason(query, stash[1])
+    if stash is not None and reason is None:
+        _, pk, pv, gate = stash
+        kpm = None
+        if attention_mask is not None:
+            last = attention_mask[:, 0, -1, :]  # the last query row sees every unpadded key
+            kpm = last if last.dtype == torch.bool else last == 0
+        causal = _PREFIX_FAMILIES[module.config.model_type]
+        out = prefix_attention(query, key, value, pk, pv, prefix_gate=gate, is_causal=causal, key_padding_mask=kpm)
+        return out.transpose(1, 2).contiguous(), None
+    if stash is not None:  # the prefix was handed over but we cannot take it: AdapterHub's concatenation
+        _count("prefix", reason)
+        _, pk, pv, gate = stash
+        if gate is not None:
+            pk, pv = pk * gate[:, 0].view(-1, 1, 1, 1), pv * gate[:, -1].view(-1, 1, 1, 1)
+        key, value = torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)
+        if attention_mask is not None:
+            pad = torch.ones(*attention_mask.shape[:-1], pk.shape[2], dtype=attention_mask.dtype,
+                             device=attention_mask.device)
+            pad = pad if attention_mask.dtype == torch.bool else torch.zeros_like(pad)
+            attention_mask = torch.cat([pad, attention_mask], dim=-1)
+    if prev == "eager":
+        fn = sys.modules[type(module).__module__].eager_attention_forward
+    else:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        fn = ALL_ATTENTION_FUNCTIONS[prev]
+    return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _route_prefix_attention(model) -> str | None:
+    """Switch the model's attention implementation to ours (wrapping the current one);
+    the reason if the model's attention cannot be routed."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    cfg = model.config
+    if cfg.model_type not in _PREFIX_FAMILIES:
+        return (f"prefix tuning on {cfg.model_type}: AdapterHub computes this attention inline (no attention "
+                f"function to route; peftops routes {sorted(_PREFIX_FAMILIES)}): AdapterHub's own")
+    prev = str(cfg._attn_implementation)
+    if prev.startswith(_ATTN_PREFIX):
+        return None
+    if prev not in ("eager", "sdpa"):
+        return f"prefix tuning with attention implementation {prev!r}: AdapterHub's own (peftops routes eager, sdpa)"
+    name = _ATTN_PREFIX + prev
+    AttentionInterface.register(name, _prefix_attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[prev])
+    cfg._attn_implementation = name
+    if cfg._attn_implementation != name:  # pragma: no cover (a transformers without the setter)
+        return "could not switch the attention implementation"
+    return None
+
+
+def _unroute_prefix_attention(model) -> None:
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        impl = str(getattr(cfg, "_attn_implementation", ""))
+        if impl.startswith(_ATTN_PREFIX):
+            cfg._attn_implementation = impl[len(_ATTN_PREFIX):]
+
+
 # What is never taken: AdapterHub layer class name -> reason (listed when it holds an adapter).
 _NOT_TAKEN = {
     "LoRAMergedLinear": "merged q/k/v LoRA (GPT-2 c_attn style): no peftops mapping",
-    "PrefixTuningLayer": "prefix tuning (also the prefix half of UniPELT / MAM): AdapterHub's own attention, "
-                         "not mapped onto peftops.prefix_attention yet",
     "PromptTuningLayer": "prompt tuning (soft prompt embeddings): no kernel to accelerate",
     "ReftLayer": "ReFT: no peftops kernel",
     "InvertibleAdapterLayer": "invertible adapters (NICE / GLOW): no peftops kernel",
@@ -384,6 +522,7 @@ _NOT_TAKEN = {
 class AdapterHubSummary:
     swapped: dict[str, str] = dataclasses.field(default_factory=dict)  # path -> peftops class
     left: dict[str, str] = dataclasses.field(default_factory=dict)  # path -> reason
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"peftops.accelerate (AdapterHub): swapped {len(self.swapped)} module(s), "
@@ -393,6 +532,7 @@ class AdapterHubSummary:
             kinds[cls] = kinds.get(cls, 0) + 1
         lines += [f"  swapped {n} x {cls}" for cls, n in sorted(kinds.items())]
         lines += [f"  left {path}: {reason}" for path, reason in self.left.items()]
+        lines += [f"  note: {n}" for n in self.notes]
         lines.append("  at run time, cases the kernels do not take run AdapterHub's forward, counted in "
                      "dispatch_counts()['adapterhub.<kind>.adapterhub_forward']")
         return "\n".join(lines)
@@ -427,6 +567,15 @@ def accelerate(model: nn.Module, *, return_summary: bool = False):
                         summary.left[f"{path}.loras.{name}"] = why + " (AdapterHub's forward when active)"
             else:
                 summary.left[path] = reason
+        elif cls is PeftopsPrefixTuningLayer:
+            summary.swapped[path] = cls.__name__
+        elif cls is PrefixTuningLayer and len(module.prefixes):
+            reason = _route_prefix_attention(_config_owner(model, module))
+            if reason is None:
+                module.__class__ = PeftopsPrefixTuningLayer
+                summary.swapped[path] = module.__class__.__name__
+            else:
+                summary.left[path] = f"{reason} (adapters {sorted(module.prefixes)})"
         elif isinstance(module, BottleneckLayer) and not hasattr(cls, "_peftops_original"):
             module.__class__ = _layer_class(cls)  # compose_fuse only: not listed as a kernel swap
         elif isinstance(module, AdapterLayerBase) and len(getattr(module, module.adapter_modules_name, ())):
@@ -435,6 +584,11 @@ def accelerate(model: nn.Module, *, return_summary: bool = False):
             name = next((c.__name__ for c in cls.__mro__ if c.__name__ in _NOT_TAKEN), None)
             held = sorted(getattr(module, module.adapter_modules_name).keys())
             summary.left[path] = f"{_NOT_TAKEN.get(name, f'{cls.__name__}: no peftops mapping')} (adapters {held})"
+    if str(getattr(getattr(model, "config", None), "_attn_implementation", "")) == _ATTN_PREFIX + "sdpa":
+        summary.notes.append(
+            "prefix attention now runs peftops.prefix_attention (every query sees the whole prefix, as AdapterHub's "
+            "eager attention computes); AdapterHub 1.3's own sdpa path drops the prefix for early queries (is_causal "
+            "over L + T keys, inverted bool prefix mask), so outputs differ from AdapterHub-with-sdpa there")
     if not summary.swapped and not summary.left:
         log.warning("peftops.accelerate: no AdapterHub adapters found in %s", type(model).__name__)
     elif summary.left:
@@ -447,11 +601,18 @@ def accelerate(model: nn.Module, *, return_summary: bool = False):
 
 def deaccelerate(model: nn.Module) -> nn.Module:
     """Undo ``accelerate``: every swapped module gets AdapterHub's class back (in place)."""
-    back = {v: k for k, v in {**_BN_CLASSES, **_LORA_CLASSES}.items()}
+    back = {v: k for k, v in {**_BN_CLASSES, **_LORA_CLASSES, PrefixTuningLayer: PeftopsPrefixTuningLayer}.items()}
     for module in model.modules():
         cls = type(module)
         if cls in back:
             module.__class__ = back[cls]
         elif "_peftops_original" in vars(cls):
             module.__class__ = cls._peftops_original
+    _unroute_prefix_attention(model)
     return model
+
+
+def _config_owner(model, layer):
+    """The module whose ``config`` the prefix layer's attention reads (the base model)."""
+    base = getattr(model, "base_model", model)
+    return base if getattr(base, "config", None) is layer.model_config or hasattr(base, "config") else model
