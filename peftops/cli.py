@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
                        ("bench", "kernel benchmarks (GPU) or a parity pass (no GPU); --check: a results file "
                                  "against bench/targets.toml")):
         p = sub.add_parser(name, help=text, description=text)
-        # demo runs the tiny Llama itself, and has no use for the device floors
-        default = [m for m in METHODS if name == "bench" or m not in ("e2e", "floors")]
+        # demo runs the tiny Llama itself and has no use for the device floors; adapterhub needs its own
+        # environment (benchmarks/adapterhub.py)
+        default = [m for m in METHODS if name == "bench" or m not in ("e2e", "floors", "adapterhub")]
         p.add_argument("--methods", default=",".join(default), help=f"comma-separated, from {sorted(METHODS)}")
         p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype for GPU timing (default bf16)")
         p.add_argument("--small", action="store_true", help="small shapes on a GPU too")

@@ -4,6 +4,7 @@
 METHODS = {
     "adapter": "peftops.benchmarks.adapter",
     "dora": "peftops.benchmarks.dora",
+    "adapterhub": "peftops.benchmarks.adapterhub",
     "e2e": "peftops.benchmarks.e2e",
     "floors": "peftops.benchmarks.floors",  # the device's HBM copy and GEMM rates (bench/gpu_session.sh)
     "fusion": "peftops.benchmarks.fusion",
