@@ -502,9 +502,11 @@ def test_gpu_sized(path, dtype):
         run_op_parity((2, 2048), 1024, 1024, 16, dtype)
 
 
-@pytest.mark.parametrize("dtype,rows", [(torch.bfloat16, 300), (torch.float16, 300), (torch.float32, 300),
-                                        (torch.bfloat16, 100)], ids=["tma-bf16", "tma-fp16", "fp32", "M<=256"])
-def test_large_tile_regimes_with_column_scale(dtype, rows, monkeypatch):
+@pytest.mark.parametrize("dtype,rows,wide", [(torch.bfloat16, 300, True), (torch.float16, 300, True),
+                                             (torch.bfloat16, 300, False), (torch.float32, 300, True),
+                                             (torch.bfloat16, 100, True)],
+                         ids=["tma-bf16", "tma-fp16", "tma-bf16-128x128", "fp32", "M<=256"])
+def test_large_tile_regimes_with_column_scale(dtype, rows, wide, monkeypatch):
     """The big GEMM tiles a GPU takes with m / n in the epilogue (a 4-SM target reaches them at
     small shapes: 128x256 on the TMA GEMM for a half base, 128x256 / 64x128 on lora_gemm_kernel
     for fp32 / <= 256 rows), and plain LoRA at the same tiles, so compile-check compares the
@@ -512,7 +514,10 @@ def test_large_tile_regimes_with_column_scale(dtype, rows, monkeypatch):
     from peftops.ops import lora as lora_ops
     from test_lora import lora_args, run_parity
 
+    from peftops.kernels import lora as lora_kernels
+
     monkeypatch.setattr(lora_ops, "TARGET_SMS", 4)
+    monkeypatch.setattr(lora_kernels, "TMA_COLSCALE_WIDE", wide)
     if DEVICE.type == "cuda":
         monkeypatch.setattr(lora_ops, "num_sms", lambda device: 4)
     with peftops.force_path("dora", "kernel"), peftops.force_path("lora", "kernel"):
