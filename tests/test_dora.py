@@ -526,3 +526,35 @@ def test_large_tile_regimes_with_column_scale(dtype, rows, wide, monkeypatch):
     counts = peftops.dispatch_counts()
     tma = dtype != torch.float32 and rows > 256
     assert counts.get("launch.lora_gemm_tma" if tma else "launch.lora_gemm", 0) >= 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_accelerated_fp32_adapters_over_half_base(dtype):
+    """peft's default (autocast_adapter_dtype): A, B and the magnitude in fp32 over a half base;
+    the kernels read them as they are. Bounded by peft's own error in that set-up."""
+    torch.manual_seed(0)
+    base = nn.Linear(67, 37).to(DEVICE, dtype)
+    model = get_peft_model(nn.Sequential(base), LoraConfig(r=7, lora_alpha=14, target_modules=["0"], use_dora=True))
+    with torch.no_grad():
+        for n, p_ in model.named_parameters():
+            if "lora_B" in n:
+                p_.normal_(0, 0.3)
+            if "lora_magnitude_vector" in n:
+                p_.mul_(1 + 0.1 * torch.randn_like(p_))
+    layer = model.base_model.model[0]
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    assert layer.lora_magnitude_vector["default"].weight.dtype == torch.float32
+    m64 = copy.deepcopy(model).double()
+    ours = peftops.accelerate(copy.deepcopy(model))
+    x64 = randn(13, 67)
+    dy = randn(13, 37)
+    res = {}
+    for key, m, dt in (("ref", m64, torch.float64), ("low", model, dtype), ("ours", ours, dtype)):
+        x = x64.detach().to(dt).clone().requires_grad_()
+        y = m(x)
+        y.backward(dy.to(y.dtype))
+        res[key] = [y, x.grad] + [p_.grad for n, p_ in sorted(m.named_parameters()) if p_.requires_grad]
+    assert len(res["ref"]) == 5
+    for i, (o, e, r_) in enumerate(zip(res["ours"], res["low"], res["ref"])):
+        assert_close(f"output {i}", o, r_, eager_bound(BOUNDS[dtype], e, r_))
+    assert peftops.dispatch_counts().get("dora.triton", 0) == 1
