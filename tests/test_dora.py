@@ -247,12 +247,13 @@ def _peft_dora(base, r=4, dropout=0.0, seed=0, **cfg):
     return model
 
 
-@pytest.mark.parametrize("which", ["peftops", "peft"])
-def test_no_out_by_in_tensor_in_forward_backward(which):
+@pytest.mark.parametrize("which,dropout", [("peftops", 0.0), ("peftops", 0.2), ("peft", 0.0)])
+def test_no_out_by_in_tensor_in_forward_backward(which, dropout):
     """One DoRA forward + backward creates no storage of [out, in] size or more (T, r small
-    against in, out); peft's own layer does (B A and W + s B A), so the check can fail."""
+    against in, out), with dropout (the composed path) or not; peft's own layer does (B A
+    and W + s B A), so the check can fail."""
     T, n_in, n_out = 8, 64, 96
-    model = _peft_dora(nn.Linear(n_in, n_out).to(DEVICE)).train()
+    model = _peft_dora(nn.Linear(n_in, n_out).to(DEVICE), dropout=dropout).train()
     if which == "peftops":
         peftops.accelerate(model)
     x = torch.randn(T, n_in, device=DEVICE, requires_grad=True)
@@ -372,6 +373,20 @@ def test_merge_unmerge_then_forward():
         peftops.reset_dispatch_counts()
         assert_close("y unmerged", ours(x), ref(x), 1e-5)
         assert peftops.dispatch_counts().get("variant.dora_norm:row_sq") == 1     # recomputed, not stale
+
+
+def test_pickled_model_drops_the_cache():
+    import io
+
+    model = peftops.accelerate(_peft_dora(nn.Linear(40, 24).to(DEVICE), r=4)).eval()
+    x = torch.randn(6, 40, device=DEVICE)
+    with torch.no_grad():
+        y = model(x)
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        again = torch.load(buf, weights_only=False)
+        assert_close("y", again(x), y, 1e-6)
 
 
 def test_cache_in_eval_and_state_dict_load():

@@ -90,6 +90,12 @@ class DoraNormCache:
     def clear(self) -> None:
         self._wsq, self._norm = None, []
 
+    def __getstate__(self):  # pickling / deepcopy of a model: the copy starts empty (weak refs do not pickle)
+        return {}
+
+    def __setstate__(self, state):
+        self.clear()
+
     @staticmethod
     def _entries(*ts):
         keys = [_key(t) for t in ts]
