@@ -573,3 +573,17 @@ def test_accelerated_fp32_adapters_over_half_base(dtype):
     for i, (o, e, r_) in enumerate(zip(res["ours"], res["low"], res["ref"])):
         assert_close(f"output {i}", o, r_, eager_bound(BOUNDS[dtype], e, r_))
     assert peftops.dispatch_counts().get("dora.triton", 0) == 1
+
+
+def test_trainable_base_weight_and_bias():
+    """A base that trains too: dW = (c dY)^T x (the norm is detached), db = sum_t dY."""
+    x, w, b, a, bb = dora_args((15,), 33, 21, 4)
+    m = magnitude_for(w, a, bb, 0.5)
+    ref_in = [t.clone().requires_grad_() for t in (x, w, b, a, bb, m)]
+    y_ref = reference.dora_linear(*ref_in[:6], 0.5)
+    dy = torch.randn_like(y_ref)
+    y_ref.backward(dy)
+    ours = [copy_as(t, torch.float32, True) for t in (x, w, b, a, bb, m)]
+    peftops.dora_linear(*ours, 0.5).backward(dy.float())
+    for name, o, r_ in zip(("x", "weight", "bias", "lora_A", "lora_B", "magnitude"), ours, ref_in):
+        assert_close(name, o.grad, r_.grad, 1e-5)
