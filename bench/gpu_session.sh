@@ -14,7 +14,7 @@
 #   setup   ~20  GPU, driver, torch / triton / peftops versions; pip install -e . (no deps)
 #   tests   105  the whole suite on CUDA, 8 workers       -> tests.log, tests.xml (junit)
 #   bench   200  every case x every provider but e2e      -> <gpu>-<date>.json (+ bench.log)
-#   e2e      85  the 1.1B Llama LoRA training step        -> merged into the same JSON
+#   e2e      85  the 1.1B Llama LoRA (then DoRA) training step -> merged into the same JSON
 #   facts    20  n_regs / n_spills / REG / STACK / wgmma of every peftops kernel variant the
 #                tests and the bench compiled (one fresh Triton cache for the whole session)
 #                                                          -> kernel_facts.json
@@ -161,7 +161,7 @@ want tests && stage tests env PEFTOPS_TEST_DEVICE=cuda \
 
 # Method order = the order of the compile pass (run after every other provider): AdapterFusion
 # first, whose bars are against compile.
-want bench && stage bench "$PY" -m peftops bench --methods fusion,lora,ia3,adapter,prefix_attention,unipelt \
+want bench && stage bench "$PY" -m peftops bench --methods fusion,lora,dora,ia3,adapter,prefix_attention,unipelt \
   --out "$RESULTS" --budget-s "$(inner bench)" ${RESUME[@]+"${RESUME[@]}"}
 
 want e2e && stage e2e "$PY" -m peftops bench --methods e2e --out "$RESULTS" --budget-s "$(inner e2e)" ${RESUME[@]+"${RESUME[@]}"}
