@@ -41,7 +41,7 @@
 #   tests   105/100 the whole suite on CUDA, 8 workers / TEST_FILES in the interpreter -> tests.xml
 #   bench   200/260 every METHODS entry but e2e (floors first, then fusion, then the rest), every
 #                 provider; a method or provider whose dependency is missing: skipped records
-#   e2e      85/60  the 1.1B Llama LoRA training step / the tiny Llama   -> into the same JSON
+#   e2e      85/60  the 1.1B Llama LoRA (then DoRA) training step / the tiny Llama   -> into the same JSON
 #   facts    20/15  registers / spills / wgmma of every peftops kernel variant the session compiled
 #                 (one fresh Triton cache) / from compile-check's JSON or the launch record
 #   check    15/25  python -m peftops bench --check (exit status recorded, not fatal) + report.md

@@ -440,7 +440,13 @@ MIN_ARCH = {"lora_gemm_tma_kernel": 90}  # read by the launcher and by compile-c
 TMA_FUSE_S = True
 
 
-def tma_config(M, N, K, interpret, num_sms, drop_epi=False):
+# DoRA's column scale (m / n) in the TMA GEMM's epilogue at 128x256 tiles: 248 registers a
+# thread on sm_90 (202 without it), 0 spills. False: such launches take 128x128 tiles instead
+# (bench provider peftops[kernel:colscale_128] times the alternative).
+TMA_COLSCALE_WIDE = True
+
+
+def tma_config(M, N, K, interpret, num_sms, drop_epi=False, colscale=False):
     """Launch config for ``lora_gemm_tma_kernel`` (registers a thread, shared KiB on sm_90 by
     compile-check; none spills). The largest tile that still gives every SM a tile:
     128x256x64, 8 warps, 3 stages (two warpgroups of 64x256 wgmma, 48 KiB a stage: 190-218
@@ -453,7 +459,7 @@ def tma_config(M, N, K, interpret, num_sms, drop_epi=False):
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=1)
     def tiles(bm, bn):
         return cdiv(M, bm) * cdiv(N, bn)
-    if not drop_epi and tiles(128, 256) >= num_sms:
+    if not drop_epi and not (colscale and not TMA_COLSCALE_WIDE) and tiles(128, 256) >= num_sms:
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     if tiles(128, 128) >= num_sms:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .. import reference
 from ..ops.dora import DoraNormCache, dora_linear
 from ..ops.lora import lora_linear
-from .core import Case, compiled, generator, randn, warmed
+from .core import Case, add_knob_provider, compiled, generator, randn, warmed
 from .lora import _inputs, _peft_layer, _runner
 
 
@@ -85,10 +85,13 @@ def _case(op, T, d, k, r, dtype, device):
     providers = ["cublas_base", "eager", "peft", "peftops", "compile", "peftops_lora", "peft_lora"]
     if not bwd:
         providers.append("peftops_cached")
-    return Case(op=op, shape=dict(T=T, d=d, k=k, r=r), dtype=dtype, providers={p: make(p) for p in providers},
+    case = Case(op=op, shape=dict(T=T, d=d, k=k, r=r), dtype=dtype, providers={p: make(p) for p in providers},
                 flops=flops, bytes=nbytes, parity_with="peft",
                 compare=("peftops", "eager") + (("peftops_cached",) if not bwd else ()),
                 paths_from="peftops.ops.dora")
+    if T >= 257:  # m / n in the TMA GEMM's epilogue at 128x256 (248 regs) vs 128x128 tiles
+        add_knob_provider(case, "colscale_128", ("dora", "kernel"), "peftops.kernels.lora", {"TMA_COLSCALE_WIDE": False})
+    return case
 
 
 def cases(device: torch.device, dtype: torch.dtype, small: bool) -> list[Case]:

@@ -11,14 +11,17 @@ for n without any ``[out, in]`` tensor:
 
 ``||W_i||^2`` is kept per frozen W (``DoraNormCache``), and so is n itself while W, A and B
 are unchanged (eval, decode, gradient-accumulation micro-steps): then the forward is the
-LoRA forward alone. The cache keys each tensor by (data pointer, version counter, shape,
-strides, dtype); merge / unmerge / load in peftops' modules clear it explicitly as well
-(``.data`` writes bypass the version counter).
+LoRA forward alone. The cache knows each tensor by its storage (a weak reference: the same
+storage object, not an address that may be reused) plus offset, version counter, shape,
+strides, dtype; peftops' modules also clear it on merge / unmerge (``weight.data += ...``
+bypasses the version counter).
 
 Backward (W frozen, n detached as in peft; algebra beside each launch in ``_bwd_rows``):
 one pass over dY and the saved output y gives dY' = c dY and sum_t dY (y - b) (y - b = c u,
 so dm = that / m: no undivided [T, out] u is kept; where m_j = 0 that column's u is
-recomputed from x, W_j and S); then the LoRA backward on dY'.
+recomputed from x, W_j and S, found by one host sync per backward); then the LoRA backward
+on dY' (written once by that pass: the dx GEMM's operands go straight from shared memory to
+the MMA, so a column scale on its K dimension would cost more than the pass).
 
 Dropout > 0 (training) follows peft: the direction's base part runs on drop(x),
 ``y = x W^T + b + (c - 1) drop(x) W^T + c s drop(x) A^T B^T``: the ``composed`` path
@@ -29,7 +32,12 @@ Interface for a quantised base (QDoRA): ``norm_rows``, ``_fwd_rows`` and ``_bwd_
 the dense base weight as an argument at each point of use (the norm pass and the base GEMM
 in forward, dx in backward) and keep no reference to it, so a caller holding a 4-bit W can
 dequantise into a workspace, call them, and dequantise again for backward, never saving
-the dense W. They take 2-D x ``[T, in]`` and return / expect the tensors listed there.
+the dense W. They take 2-D x ``[T, in]`` and return / expect the tensors listed there:
+``norm_rows(W, A, B, s, wsq=None) -> (n, wsq)``; ``_fwd_rows(x, W, bias, A, B, m, n, s, path,
+need_s) -> (y, S, c)``; ``_bwd_rows(dy, y, x, W, bias, A, B, m, n, S, c, s, need_dx, path) ->
+(dx, dA, dB, dm, c dY)``. A QDoRA autograd Function saves x, y, S, c, n, A, B, m and the
+packed W (``_DoraLinearFn`` here is the dense one), and may pass a cached ``wsq`` (||W_i||^2
+of the dequantised W: constant while the 4-bit W is).
 """
 from __future__ import annotations
 
@@ -81,6 +89,12 @@ class DoraNormCache:
 
     def clear(self) -> None:
         self._wsq, self._norm = None, []
+
+    def __getstate__(self):  # pickling / deepcopy of a model: the copy starts empty (weak refs do not pickle)
+        return {}
+
+    def __setstate__(self, state):
+        self.clear()
 
     @staticmethod
     def _entries(*ts):

@@ -213,7 +213,8 @@ def _gemm(x, w, bias, s, e, rowscale, scale, out_dtype, *, seed=None, p=0.0, fus
         assert fuse_a is None or seed is None, "the TMA GEMM fuses S only without dropout"
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        cfg = k.tma_config(M, N, K, cpu_configs(x), sms, drop_epi=fuse_a is None and seed is not None)
+        cfg = k.tma_config(M, N, K, cpu_configs(x), sms, drop_epi=fuse_a is None and seed is not None,
+                           colscale=colscale is not None)
         bm, bn, bk, br = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], next_pow2(R)
         w_nk = w.stride(0) == 1
         x_desc = TensorDescriptor.from_tensor(x, [bm, bk])
