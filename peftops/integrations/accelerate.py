@@ -25,9 +25,10 @@ peft's layer class and the peftops module:
   hold; nothing is re-initialised, so state_dict keys, optimizer state and
   ``requires_grad`` flags are untouched, and ``deaccelerate(model)`` undoes the swap.
 
-DoRA adapters (``DoraLinearVariant``) run on ``peftops.dora_linear``. Layers without a
-peftops kernel (other LoRA variants, conv / embedding LoRA,
-quantised or wrapped bases, other tuners) stay peft's own; ``accelerate`` returns /
+DoRA adapters (``DoraLinearVariant``) run on ``peftops.dora_linear``; peft's 4-bit
+``lora.bnb.Linear4bit`` (QLoRA, QDoRA) on ``peftops.qlora_linear`` / ``qdora_linear``
+(``_qlora.py``). Layers without a peftops kernel (other LoRA variants, conv / embedding
+LoRA, 8-bit or other quantised / wrapped bases, other tuners) stay peft's own; ``accelerate`` returns /
 attaches a summary naming what it swapped and what it left, with the reason, and logs it.
 """
 from __future__ import annotations

@@ -159,7 +159,8 @@ def _gemv(x, q, bias, s, lora_B, scaling):
     N = q.shape[0]
     R = s.shape[1]
     out = empty((M, N), x.dtype, x.device)
-    cfg = k.gemv_config(M, N, cpu_configs(x), num_sms(x.device) if x.is_cuda else _lora.TARGET_SMS)
+    cfg = k.gemv_config(M, N, cpu_configs(x), num_sms(x.device) if x.is_cuda else _lora.TARGET_SMS,
+                        half=x.dtype != torch.float32)
     code = code_4bit(q.quant_type, q.device)
     nested = q.nested
     grid = (-(-N // cfg["BLOCK_N"]), -(-M // cfg["BLOCK_M"]))
