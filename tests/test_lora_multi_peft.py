@@ -224,15 +224,15 @@ def test_bf16_base_fp32_adapters():
     plain = get_peft_model(tiny_llama().to(torch.bfloat16), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
                            adapter_name="one")
     plain.add_adapter("two", LoraConfig(r=8, lora_alpha=4, target_modules=["q_proj", "o_proj"]))
-    randomise(plain)
+    randomise(plain).eval()
     assert plain.base_model.model.model.layers[0].self_attn.q_proj.lora_A["one"].weight.dtype == torch.float32
     fast = copy.deepcopy(plain)
-    peftops.accelerate(fast)
+    peftops.accelerate(fast).eval()
     ids = IDS.to(DEVICE)
     names = ["two", "__base__", "one", "two"]
     with torch.no_grad():
         want = plain(input_ids=ids, adapter_names=names).logits
         got = fast(input_ids=ids, adapter_names=names).logits
-        ref = copy.deepcopy(plain).float()(input_ids=ids, adapter_names=names).logits
+        ref = copy.deepcopy(plain).float().eval()(input_ids=ids, adapter_names=names).logits
     assert rel_err(got, ref) <= max(2e-2, 1.5 * rel_err(want, ref) + 1e-3)
     assert not counts().get("accelerate.lora.peft_forward") and counts().get("lora_multi.triton"), counts()
