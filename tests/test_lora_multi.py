@@ -166,6 +166,30 @@ def test_out_of_range_device_index_is_base_only(path_name):
     assert_close("output", y, ref, 1e-5)
 
 
+def test_torch_compile_fullgraph():
+    """The launchers are custom ops with fake kernels: one graph, forward and backward (aot_eager
+    checks the fakes' shapes against the real outputs), the same numbers as eager."""
+    torch._dynamo.reset()
+    w = randn(37, 37).float()
+    am, bm = stacks([3, 7], 37, 37)
+    idx = torch.tensor([1, -1, 0], device=DEVICE)                       # per sequence, int64, on the device
+    sc = torch.tensor([1.0, 2.0], device=DEVICE)
+    xm = randn(3, 5, 37).float()
+    grads = []
+    for compiled in (False, True):
+        x = xm.clone().requires_grad_(True)
+        a, b = am.float().requires_grad_(True), bm.float().requires_grad_(True)
+
+        def f(x, a, b):
+            return lora_linear_multi(x, w, None, a, b, sc, idx)
+        fn = torch.compile(f, backend="aot_eager", fullgraph=True) if compiled else f
+        y = fn(x, a, b)
+        (y * y).sum().backward()
+        grads.append((y.detach(), x.grad, a.grad, b.grad))
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.cuda_only("CUDA-graph capture needs a GPU")
 def test_cuda_graph_capturable():
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
