@@ -267,3 +267,12 @@ def test_bad_per_sequence_index_length():
     args["adapter_index"] = [0, 1, 2]
     with pytest.raises(ValueError, match="per sequence \\(2,\\)"):
         lora_linear_multi(**args)
+
+
+def test_float64_falls_back_to_the_reference_visibly():
+    a, b = stacks([3, 5], 37, 29)
+    x, w = randn(2, 4, 37), randn(29, 37)
+    y = lora_linear_multi(x, w, None, a, b, [1.0, 2.0], [1, -1])                # per sequence
+    want = reference.lora_linear_multi(x, w, None, a, b, [1.0, 2.0], [[1] * 4, [-1] * 4])
+    assert y.dtype == torch.float64 and torch.equal(y, want)
+    assert peftops.dispatch_counts().get("lora_multi.fallback"), peftops.dispatch_counts()

@@ -77,7 +77,7 @@ def lora_linear_multi(
     idx, scale = _check(x, weight, bias, lora_A, lora_B, scalings, adapter_index)
     unsupported = "float64" if x.dtype == torch.float64 else None
     if not use_triton("lora_multi", x, weight, bias, lora_A, lora_B, idx, unsupported=unsupported):
-        return reference.lora_linear_multi(x, weight, bias, lora_A, lora_B, scale, idx)
+        return reference.lora_linear_multi(x, weight, bias, lora_A, lora_B, scale, idx.view(x.shape[:-1]))
     T = idx.numel()
     path = PATHS.pick(x.is_cuda, T=T, d_in=weight.shape[1], d_out=weight.shape[0], r=lora_A.shape[1],
                       n=lora_A.shape[0])
