@@ -166,6 +166,30 @@ def test_out_of_range_device_index_is_base_only(path_name):
     assert_close("output", y, ref, 1e-5)
 
 
+def test_torch_compile_fullgraph():
+    """The launchers are custom ops with fake kernels: one graph, forward and backward (aot_eager
+    checks the fakes' shapes against the real outputs), the same numbers as eager."""
+    torch._dynamo.reset()
+    w = randn(37, 37).float()
+    am, bm = stacks([3, 7], 37, 37)
+    idx = torch.tensor([1, -1, 0], device=DEVICE)                       # per sequence, int64, on the device
+    sc = torch.tensor([1.0, 2.0], device=DEVICE)
+    xm = randn(3, 5, 37).float()
+    grads = []
+    for compiled in (False, True):
+        x = xm.clone().requires_grad_(True)
+        a, b = am.float().requires_grad_(True), bm.float().requires_grad_(True)
+
+        def f(x, a, b):
+            return lora_linear_multi(x, w, None, a, b, sc, idx)
+        fn = torch.compile(f, backend="aot_eager", fullgraph=True) if compiled else f
+        y = fn(x, a, b)
+        (y * y).sum().backward()
+        grads.append((y.detach(), x.grad, a.grad, b.grad))
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.cuda_only("CUDA-graph capture needs a GPU")
 def test_cuda_graph_capturable():
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
@@ -243,3 +267,12 @@ def test_bad_per_sequence_index_length():
     args["adapter_index"] = [0, 1, 2]
     with pytest.raises(ValueError, match="per sequence \\(2,\\)"):
         lora_linear_multi(**args)
+
+
+def test_float64_falls_back_to_the_reference_visibly():
+    a, b = stacks([3, 5], 37, 29)
+    x, w = randn(2, 4, 37), randn(29, 37)
+    y = lora_linear_multi(x, w, None, a, b, [1.0, 2.0], [1, -1])                # per sequence
+    want = reference.lora_linear_multi(x, w, None, a, b, [1.0, 2.0], [[1] * 4, [-1] * 4])
+    assert y.dtype == torch.float64 and torch.equal(y, want)
+    assert peftops.dispatch_counts().get("lora_multi.fallback"), peftops.dispatch_counts()

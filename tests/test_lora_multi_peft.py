@@ -153,6 +153,11 @@ def test_stack_follows_peft_parameters():
             model.delete_adapter("one")
         NAMES = ["four", "three", "two", "__base__"]
         assert same()
+        built = counts().get("accelerate.lora_multi.stack_built", 0)
+        for model in (plain, fast):  # a dtype move: the stacks follow (float64: the op's visible fallback)
+            model.to(torch.float64)
+        assert same() and counts().get("accelerate.lora_multi.stack_built", 0) > built
+        assert counts().get("lora_multi.fallback"), counts()
     finally:
         NAMES = saved
     assert not counts().get("accelerate.lora.peft_forward"), counts()
@@ -224,15 +229,41 @@ def test_bf16_base_fp32_adapters():
     plain = get_peft_model(tiny_llama().to(torch.bfloat16), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
                            adapter_name="one")
     plain.add_adapter("two", LoraConfig(r=8, lora_alpha=4, target_modules=["q_proj", "o_proj"]))
-    randomise(plain)
+    randomise(plain).eval()
     assert plain.base_model.model.model.layers[0].self_attn.q_proj.lora_A["one"].weight.dtype == torch.float32
     fast = copy.deepcopy(plain)
-    peftops.accelerate(fast)
+    peftops.accelerate(fast).eval()
     ids = IDS.to(DEVICE)
     names = ["two", "__base__", "one", "two"]
     with torch.no_grad():
         want = plain(input_ids=ids, adapter_names=names).logits
         got = fast(input_ids=ids, adapter_names=names).logits
-        ref = copy.deepcopy(plain).float()(input_ids=ids, adapter_names=names).logits
+        ref = copy.deepcopy(plain).float().eval()(input_ids=ids, adapter_names=names).logits
     assert rel_err(got, ref) <= max(2e-2, 1.5 * rel_err(want, ref) + 1e-3)
     assert not counts().get("accelerate.lora.peft_forward") and counts().get("lora_multi.triton"), counts()
+
+
+def test_unsupported_mixed_batches_go_to_peft_counted():
+    """Dropout in training mode (a layer-level call: peft's model refuses training mode) and
+    lora_bias: peft's forward, counted, same numbers."""
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    torch.manual_seed(0)
+    for kw in (dict(lora_dropout=0.5), dict(lora_bias=True)):
+        base = torch.nn.Linear(37, 29).to(DEVICE)
+        layer = PeftLinear(base, "a0", LoraConfig(r=4, **kw), r=4, lora_alpha=4)
+        layer.update_layer("a1", 2, 2, config=LoraConfig(r=2, **kw))
+        randomise(layer)
+        fast = copy.deepcopy(layer)
+        peftops.accelerate(fast)
+        x = torch.randn(6, 37, device=DEVICE)
+        names = ["a0", "a1", "__base__"] * 2
+        if "lora_dropout" in kw:
+            layer.train(), fast.train()
+        peftops.reset_dispatch_counts()
+        torch.manual_seed(1)
+        want = layer(x, adapter_names=names)
+        torch.manual_seed(1)
+        got = fast(x, adapter_names=names)
+        assert rel_err(got, want) <= TOL
+        assert counts().get("accelerate.lora.peft_forward") == 1 and not counts().get("lora_multi.triton"), counts()

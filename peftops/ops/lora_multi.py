@@ -10,7 +10,9 @@ shrink of dY (G = dY B_a), dx = dY W (cuBLAS) + one grouped expand (s_a G A_a), 
 grouped weight-gradient launch each for dA and dB over the rows sorted by adapter.
 
 No host sync, no data-dependent shape, no loop over adapters: the launch count depends on
-the call's shapes only (CUDA-graph capturable at a fixed batch). Two paths (``PATHS``):
+the call's shapes only (CUDA-graph capturable at a fixed batch). The launchers are
+``torch.library`` custom ops (``torch.compile(fullgraph=True)`` keeps them in one graph).
+Three paths (``PATHS``):
 * ``sgmv``: rows stably sorted by adapter on the device (``torch.sort``), so a row block
   holds one adapter's segment (or the seam of two): E_a is read once per block.
 * ``bgmv``: rows as they come (decode: one row per sequence, sorting buys nothing); each
@@ -25,7 +27,7 @@ Backward always sorts (the weight gradients walk each adapter's segment).
 Index validation: a CPU index (or a Python list) is checked on the host (``ValueError``
 naming ``adapter_index``); a CUDA index is not read on the host (that would sync): the
 kernels treat any value outside [0, n) other than -1 as base only, and never read out of
-bounds with it.
+bounds with it (so is a CPU index under torch.compile, which cannot read it on the host).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ import torch
 
 from .. import _checks, reference
 from .._dispatch import PathTable, _bump, record_launch, use_triton
-from .._launch import cpu_configs, dot_precision, empty, kernels, next_pow2, num_sms, rows, upcast_dots
+from .._launch import cpu_configs, dot_precision, empty, kernels, next_pow2, num_sms, pick, rows, upcast_dots
 from .lora import TARGET_SMS, _use_tma
 
 __all__ = ["lora_linear_multi", "adapter_rows", "PATHS"]
@@ -75,14 +77,13 @@ def lora_linear_multi(
     idx, scale = _check(x, weight, bias, lora_A, lora_B, scalings, adapter_index)
     unsupported = "float64" if x.dtype == torch.float64 else None
     if not use_triton("lora_multi", x, weight, bias, lora_A, lora_B, idx, unsupported=unsupported):
-        return reference.lora_linear_multi(x, weight, bias, lora_A, lora_B, scale, idx)
+        return reference.lora_linear_multi(x, weight, bias, lora_A, lora_B, scale, idx.view(x.shape[:-1]))
     T = idx.numel()
     path = PATHS.pick(x.is_cuda, T=T, d_in=weight.shape[1], d_out=weight.shape[0], r=lora_A.shape[1],
                       n=lora_A.shape[0])
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B)):
         return _MultiFn.apply(x, weight, bias, lora_A, lora_B, scale, idx, path)
-    y, _, _, _ = _forward(x, weight, bias, lora_A, lora_B, scale, idx, path, need_s=False)
-    return y
+    return _forward(x, weight, bias, lora_A, lora_B, scale, idx, path, need_s=False)[0]
 
 
 def adapter_rows(adapter_index, lead: tuple[int, ...], n: int, device) -> torch.Tensor:
@@ -115,7 +116,8 @@ def adapter_rows(adapter_index, lead: tuple[int, ...], n: int, device) -> torch.
     else:
         raise ValueError(f"{name} has shape {tuple(idx.shape)}: expected one index per token {tuple(lead)}"
                          + (f" or per sequence ({lead[0]},)" if len(lead) >= 2 else ""))
-    if idx.device.type == "cpu" and idx.numel():  # no device sync: only an index the host holds
+    if idx.device.type == "cpu" and idx.numel() and not torch.compiler.is_compiling():  # only an index the host
+        # holds (no device sync); under torch.compile the kernels' masking stands alone
         lo, hi = int(idx.min()), int(idx.max())
         if lo < -1 or hi >= n:
             raise ValueError(f"{name} holds values in [{lo}, {hi}]: expected -1 (base only) or 0 .. {n - 1} "
@@ -182,69 +184,100 @@ def _check(x, weight, bias, lora_A, lora_B, scalings, adapter_index):
     return idx, scale
 
 
-def _forward(x, weight, bias, lora_A, lora_B, scale, idx, path, need_s=True):
-    """(y [..., out], x as rows, S [T, r] fp32 or None, sort (perm, offsets) or None)."""
-    lead = x.shape[:-1]
-    x2 = rows(x)
-    T, n, R = x2.shape[0], lora_A.shape[0], lora_A.shape[1]
-    if T and path == "fused" and _use_tma(x2, weight.t()):
-        s = _shrink(x2, lora_A.transpose(1, 2), idx, None)                      # S = x A_a^T (rows in order)
-        y2 = _gemm_multi(x2, weight.t(), bias, s, lora_B.transpose(1, 2), scale, idx)  # y = x W^T + b + s_a S B_a^T
-        return y2.view(*lead, weight.shape[0]), x2, (s if need_s else None), None
+def _multi_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
+    scale: torch.Tensor, idx: torch.Tensor, path: str, need_s: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward on 2-D x: (y [T, out], S = x A_a^T [T, r] fp32; [0, r] when not ``need_s``)."""
+    T, n, R = x.shape[0], lora_A.shape[0], lora_A.shape[1]
+    if T and path == "fused" and _use_tma(x, weight.t()):
+        s = _shrink(x, lora_A.transpose(1, 2), idx, None)                       # S = x A_a^T (rows in order)
+        y = _gemm_multi(x, weight.t(), bias, s, lora_B.transpose(1, 2), scale, idx)  # y = x W^T + b + s_a S B_a^T
+        return y, (s if need_s else s[:0].clone())
     if path == "fused" and T:
         _bump("variant.lora_multi:fused_fallback")                              # (not a launch)
         path = "sgmv"
-    y2 = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())  # cuBLAS, once
+    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())  # cuBLAS, once
     if T == 0:
-        return y2.view(*lead, weight.shape[0]), x2, x2.new_zeros((0, R), dtype=torch.float32), None
-    order = _sort(idx, n) if path == "sgmv" else None
-    perm = order[0] if order is not None else None
-    s = _shrink(x2, lora_A.transpose(1, 2), idx, perm)                          # S = x A_a^T       [T, r]
-    _expand(y2, s, lora_B.transpose(1, 2), scale, idx, perm)                    # y += s_a S B_a^T  in place
-    return y2.view(*lead, weight.shape[0]), x2, (s if need_s else None), order
+        return y, x.new_zeros((0, R), dtype=torch.float32)
+    perm = _sort(idx, n)[0] if path == "sgmv" else None
+    s = _shrink(x, lora_A.transpose(1, 2), idx, perm)                           # S = x A_a^T       [T, r]
+    _expand(y, s, lora_B.transpose(1, 2), scale, idx, perm)                     # y += s_a S B_a^T  in place
+    return y, (s if need_s else s[:0].clone())
+
+
+multi_fwd = torch.library.custom_op("peftops::lora_multi_fwd", mutates_args=())(_multi_fwd)
+
+
+@multi_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scale, idx, path, need_s):
+    return (x.new_empty((x.shape[0], weight.shape[0])),
+            x.new_empty((x.shape[0] if need_s else 0, lora_A.shape[1]), dtype=torch.float32))
+
+
+def _multi_bwd(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+    scale: torch.Tensor, idx: torch.Tensor, s: torch.Tensor, path: str, need_x: bool, need_a: bool, need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward with W frozen, 2-D: (dx, dA, dB), each an empty tensor when not needed. The rows
+    are sorted by adapter here (the weight gradients walk each adapter's segment)."""
+    T, n = x.shape[0], lora_A.shape[0]
+    none = x.new_empty(0)
+    if T == 0:
+        return (x.new_zeros(x.shape) if need_x else none, lora_A.new_zeros(lora_A.shape) if need_a else none,
+                lora_B.new_zeros(lora_B.shape) if need_b else none)
+    perm, offsets = _sort(idx, n)
+    g = _shrink(dy, lora_B, idx, perm)                                           # G = dY B_a       [T, r]
+    dx = d_a = d_b = none
+    if need_x:                                                                   # dx = dY W + s_a G A_a
+        if path == "fused" and _use_tma(dy, weight):
+            dx = _gemm_multi(dy, weight, None, g, lora_A, scale, idx)
+        else:
+            dx = torch.mm(dy, weight)
+            _expand(dx, g, lora_A, scale, idx, perm)
+    if need_a:                                                                   # dA_a = s_a G_a^T x_a
+        d_a = _wgrad(x, g, scale, perm, offsets, n).transpose(1, 2).to(lora_A.dtype).contiguous()
+    if need_b:                                                                   # dB_a = s_a dY_a^T S_a
+        d_b = _wgrad(dy, s, scale, perm, offsets, n).to(lora_B.dtype).contiguous()
+    return dx, d_a, d_b
+
+
+multi_bwd = torch.library.custom_op("peftops::lora_multi_bwd", mutates_args=())(_multi_bwd)
+
+
+@multi_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_B, scale, idx, s, path, need_x, need_a, need_b):
+    return (x.new_empty(x.shape) if need_x else x.new_empty(0),
+            lora_A.new_empty(lora_A.shape) if need_a else x.new_empty(0),
+            lora_B.new_empty(lora_B.shape) if need_b else x.new_empty(0))
+
+
+def _forward(x, weight, bias, lora_A, lora_B, scale, idx, path, need_s=True):
+    """(y [..., out], x as rows, S) -- shared by the autograd Function and the no-grad call."""
+    x2 = rows(x)
+    y2, s = pick(multi_fwd, _multi_fwd, x2)(x2, weight, bias, lora_A, lora_B, scale, idx, path, need_s)
+    return y2.view(*x.shape[:-1], weight.shape[0]), x2, s
 
 
 class _MultiFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale, idx, path):
-        y, x2, s, order = _forward(x, weight, bias, lora_A, lora_B, scale, idx, path)
-        perm, offsets = order if order is not None else (None, None)
-        ctx.save_for_backward(x2, weight, lora_A, lora_B, scale, idx, s, perm, offsets)
+        y, x2, s = _forward(x, weight, bias, lora_A, lora_B, scale, idx, path)
+        ctx.save_for_backward(x2, weight, lora_A, lora_B, scale, idx, s)
         ctx.lead, ctx.path = x.shape[:-1], path
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, lora_A, lora_B, scale, idx, s, perm, offsets = ctx.saved_tensors
+        x2, weight, lora_A, lora_B, scale, idx, s = ctx.saved_tensors
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         dy2 = rows(dy)
-        T, n = x2.shape[0], lora_A.shape[0]
-        dx = dw = db = d_a = d_b = None
-        if T == 0:
-            if need_x:
-                dx = x2.new_zeros((*ctx.lead, x2.shape[1]))
-            d_a = lora_A.new_zeros(lora_A.shape) if need_a else None
-            d_b = lora_B.new_zeros(lora_B.shape) if need_bb else None
-        else:
-            if perm is None:
-                perm, offsets = _sort(idx, n)
-            g = _shrink(dy2, lora_B, idx, perm)                                  # G = dY B_a      [T, r]
-            if need_x:                                                           # dx = dY W + s_a G A_a
-                if ctx.path == "fused" and _use_tma(dy2, weight):
-                    dx2 = _gemm_multi(dy2, weight, None, g, lora_A, scale, idx)
-                else:
-                    dx2 = torch.mm(dy2, weight)
-                    _expand(dx2, g, lora_A, scale, idx, perm)
-                dx = dx2.view(*ctx.lead, x2.shape[1])
-            if need_a:                                                           # dA_a = s_a G_a^T x_a
-                d_a = _wgrad(x2, g, scale, perm, offsets, n).transpose(1, 2).to(lora_A.dtype).contiguous()
-            if need_bb:                                                          # dB_a = s_a dY_a^T S_a
-                d_b = _wgrad(dy2, s, scale, perm, offsets, n).to(lora_B.dtype)
-        if need_w:                                                               # a trainable base
-            dw = (dy2.t() @ x2).to(weight.dtype)
-        if need_b:
-            db = dy2.sum(0, dtype=torch.float32).to(dy.dtype)
-        return dx, dw, db, d_a, d_b, None, None, None
+        dx2, d_a, d_b = pick(multi_bwd, _multi_bwd, dy2)(dy2, x2, weight, lora_A, lora_B, scale, idx, s, ctx.path,
+                                                        need_x, need_a, need_bb)
+        dx = dx2.view(*ctx.lead, x2.shape[1]) if need_x else None
+        dw = (dy2.t() @ x2).to(weight.dtype) if need_w else None                 # a trainable base
+        db = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if need_b else None
+        return dx, dw, db, (d_a if need_a else None), (d_b if need_bb else None), None, None, None
 
 
 # ------------------------------------------------------------------------ launchers
