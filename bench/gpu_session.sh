@@ -118,7 +118,8 @@ budget() {
 # name and moved into $OUT; run after every stage and by the EXIT trap.
 finish() {
   OUT="$OUT" WORK="$WORK" RESULTS="$RESULTS" START="$START" MODE="$MODE" TOTAL_S="$TOTAL_S" \
-    LIMIT_BYTES="$LIMIT_BYTES" "$PY" -m peftops.benchmarks.session finish \
+    LIMIT_BYTES="$LIMIT_BYTES" BUDGETS="$(for s in "${ORDER[@]}"; do printf '%s=%s ' "$s" "${DEFAULT[$s]}"; done)" \
+    "$PY" -m peftops.benchmarks.session finish \
     || echo "summary.json / session.tar.gz: could not be written"
 }
 

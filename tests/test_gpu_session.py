@@ -149,7 +149,8 @@ def test_the_script_leaves_its_files_when_out_of_time(tmp_path):
     status = {s["stage"]: s["status"] for s in summary["stages"]}
     assert status == {"setup": "done", **{s: "skipped (no time left)" for s in ("tests", "bench", "e2e", "facts",
                                                                                   "check")}}
-    assert summary["mode"] == "rehearse" and "error" in summary["tests"]
+    assert summary["mode"] == "rehearse" and "error" in summary["tests"] and summary["cap_s"] == 1
+    assert summary["default_budgets_s"] == {"tests": 100, "bench": 260, "e2e": 60, "facts": 15, "check": 25}
     with tarfile.open(out / "session.tar.gz") as tar:
         assert {"gpu.txt", "stages.tsv"} <= set(tar.getnames())
     assert "default budgets: setup ~20s, tests 100s, bench 260s" in proc.stdout

@@ -2,7 +2,7 @@
 in a folder (what the device tool returns), written from the session's scratch directory.
 
     python -m peftops.benchmarks.session finish    (environment: OUT, WORK, RESULTS, START, MODE,
-                                                    TOTAL_S, LIMIT_BYTES; the script calls it)
+                                                    TOTAL_S, LIMIT_BYTES, BUDGETS; the script calls it)
 
 * ``session.tar.gz``: every file of the scratch directory's top level (the stage logs,
   ``tests.xml``, ``kernel_facts.json``, ``stages.tsv``, ``gpu.txt``); when the archive would
@@ -170,6 +170,8 @@ def finish(env=os.environ) -> int:
     _write(os.path.join(out, ARCHIVE), data)
     s = summary(out, work, results, int(env.get("START") or time.time()), env.get("MODE", "gpu"),
                 int(env.get("TOTAL_S") or 0), archived, trimmed)
+    s["default_budgets_s"] = {k: int(v) for k, _, v in (x.partition("=") for x in env.get("BUDGETS", "").split())
+                              if v.isdigit()}
     s["files"] = sorted(os.listdir(out)) + ([] if SUMMARY in os.listdir(out) else [SUMMARY])
     _write(os.path.join(out, SUMMARY), (json.dumps(s, indent=1, default=str) + "\n").encode())
     brief = {k: s[k] for k in ("mode", "seconds", "tests", "results", "kernel_facts", "check", "trimmed") if k in s}
