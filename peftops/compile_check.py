@@ -419,6 +419,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--where", default="",
                         help="only launches with these constexpr / option values, e.g. BLOCK_W=16,ACT=1,num_warps=4")
     parser.add_argument("--enumerated-only", action="store_true", help="only the enumerated configs the record lacks")
+    parser.add_argument("--half-only", action="store_true",
+                        help="only bf16 / fp16 launches (what a spill fails; the second Triton's pass in CI)")
+    parser.add_argument("--sample", type=int, default=0,
+                        help="compile only a random N of the planned variants (seeded; to estimate the cold time)")
     parser.add_argument("--enum-all", action="store_true",
                         help="apply each enumerated config to every recorded flag path, not only the maximal ones")
     parser.add_argument("--enum-arch", default="90",
@@ -452,11 +456,18 @@ def main(argv: list[str] | None = None) -> int:
     where = dict(kv.split("=", 1) for kv in args.where.split(",") if kv)
 
     def keep(rec):
+        if args.half_only and not any(_arg_dtype(a) in HALF_DTYPES for a in rec["args"]):
+            return False
         values = {**rec["constexprs"], **rec["options"]}
         return all(str(values.get(k)) == v for k, v in where.items())
     jobs = plan([r for r in recs if keep(r)] + [r for r in enumerated if keep(r)], archs, full, enum_archs)
     if args.enumerated_only:
         jobs = [(r, a) for r, a in jobs if "enumerated" in r]
+    planned = len(jobs)
+    if args.sample and args.sample < len(jobs):
+        import random
+
+        jobs = random.Random(0).sample(jobs, args.sample)
     per_arch = {a: sum(1 for _, b in jobs if b == a) for a in archs}
     print(f"{len(recs)} recorded launches + {len(enumerated)} enumerated configs (each launch-config function's "
           f"configs on the recorded flag paths; {sum('enumerated' in r for r, _ in jobs)} compiled: not in the record) -> " + ", ".join(
@@ -482,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
                    "triton": _triton_version(),
                    "record": manifest, "seconds": round(time.perf_counter() - t0, 1)}, f, indent=1, default=str)
     cpu = sum(r.get("cpu_seconds", 0.0) for r in results)
+    if len(jobs) < planned:
+        print(f"\nsampled {len(jobs)} of {planned} planned variants: {cpu / max(len(results), 1):.2f} CPU s a variant "
+              f"-> ~{cpu / max(len(results), 1) * planned / 60:.0f} CPU minutes for all (cold if the Triton cache was)")
     print(f"\ncompile-check (triton {_triton_version()}): {len(results)} specialisations "
           f"({sum('enumerated' in r for r in results)} enumerated configs), {len(failures)} failing, "
           f"{len(fp32_spills)} fp32 variants with spills (reported, not fatal); "

@@ -68,10 +68,10 @@ def test_lora_skinny_tall_rows(dtype):
 @pytest.mark.parametrize("rows,n_in,n_out,dropout", [
     (300, 16, 264, 0.0),    # y: 3 x 2 tiles of 128x256; dx (16 wide): 64x128
     (300, 200, 16, 0.0),    # dx: 3 x 2 tiles of 128x128 (3 x 1 of 128x256 would idle an SM)
-    (300, 200, 16, 0.25),   # dx's dropout epilogue at 128x128; y via the S pass
+    (300, 200, 16, 0.25),   # dx's dropout epilogue (64x128 at every size); y via the S pass
     (300, 264, 16, 0.0),    # dx: 3 x 2 tiles of 128x256
     (300, 16, 264, 0.25),   # y at 128x256 with S from its own pass (dropout)
-], ids=["128x256", "128x128", "128x128-dropout", "dx-128x256", "128x256-dropout"])
+], ids=["128x256", "128x128", "dx-dropout", "dx-128x256", "128x256-dropout"])
 def test_lora_tma_tile_regimes(rows, n_in, n_out, dropout, dtype, monkeypatch):
     """The tile sizes shrink until every SM has a tile (kernels/lora.py ``tma_config``). On a
     4-SM target (an H100 has 132: the same choices at 33x the rows) each regime is reached at
