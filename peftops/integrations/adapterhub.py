@@ -615,4 +615,4 @@ def deaccelerate(model: nn.Module) -> nn.Module:
 def _config_owner(model, layer):
     """The module whose ``config`` the prefix layer's attention reads (the base model)."""
     base = getattr(model, "base_model", model)
-    return base if getattr(base, "config", None) is layer.model_config or hasattr(base, "config") else model
+    return base if hasattr(base, "config") else model

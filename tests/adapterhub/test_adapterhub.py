@@ -44,14 +44,25 @@ def _llama(dtype=torch.float32, attn="eager"):
     return LlamaModel(cfg).to(dtype)
 
 
+def _heads(family):
+    """An ``AutoAdapterModel`` (AdapterHub's model with heads) of the same tiny config."""
+    def make(dtype=torch.float32):
+        base = MODELS[family](dtype)
+        cls = {"bert": adapters.BertAdapterModel, "llama": adapters.LlamaAdapterModel}[family]
+        return cls(base.config).to(dtype)
+    return make
+
+
 MODELS = {"bert": _bert, "llama": _llama}
+MODELS.update({f"{f}_heads": _heads(f) for f in ("bert", "llama")})
 
 
 def _build(family, add, device, dtype=torch.float32):
     """(AdapterHub model, its peftops-accelerated deep copy), adapters with random weights
     (up projections / LoRA B non-zero), base frozen, training mode."""
     model = MODELS[family](dtype)
-    adapters.init(model)
+    if not family.endswith("_heads"):
+        adapters.init(model)
     add(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -65,7 +76,8 @@ def _build(family, add, device, dtype=torch.float32):
 
 
 def _run(model, ids, mask=None):
-    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    res = model(input_ids=ids, attention_mask=mask)
+    out = res.logits if hasattr(res, "logits") else res.last_hidden_state
     loss = (out.float() * torch.linspace(-1, 1, out.shape[-1], device=out.device)).square().sum()
     loss.backward()
     return out, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -235,6 +247,19 @@ def test_ia3(family, device):
 
     model, acc = _build(family, add, device)
     _launched(_check_equal(model, acc, device), "ia3")
+
+
+@pytest.mark.parametrize("family", ["bert_heads", "llama_heads"])
+def test_auto_adapter_model_with_head(family, device):
+    def add(m):
+        _three(m)
+        m.add_adapter("l", config=LoRAConfig(r=4, init_weights="bert"))
+        m.add_classification_head("a", num_labels=3)
+        m.add_adapter_fusion(Fuse("a", "b", "c"))
+        m.train_adapter_fusion(Fuse("a", "b", "c"), unfreeze_adapters=True)
+
+    model, acc = _build(family, add, device)
+    _launched(_check_equal(model, acc, device), "adapter", "adapter_fusion")
 
 
 # --------------------------------------------------------------------------- prefix / UniPELT / MAM
