@@ -164,11 +164,12 @@ class _PeftopsBottleneck:
         return bottleneck_adapter(h, lin.weight, lin.bias, self.adapter_up.weight, self.adapter_up.bias,
                                   residual=residual, activation=self._peftops_act, scaling=scaling, gate=gate)
 
-    def _peftops_fuse_input(self, x):
-        """AdapterHub's ``up`` (scaling * up-projection, before dropout and gate) for Fuse."""
+    def _peftops_fuse_input(self, x, zeros):
+        """AdapterHub's ``up`` (scaling * up-projection, before dropout and gate) for Fuse
+        (``zeros``: a zero residual shaped like x, shared by the fused adapters)."""
         gate = self.scaling.view(*([1] * x.dim())) if isinstance(self.scaling, nn.Parameter) else None
         scaling = 1.0 if gate is not None else float(self.scaling)
-        return self._peftops_up(x, None, gate, scaling)
+        return self._peftops_up(x, zeros, gate, scaling)
 
 
 class PeftopsAdapter(_PeftopsBottleneck, Adapter):
@@ -274,7 +275,8 @@ def _compose_fuse(self, adapter_setup: Fuse, state, lvl: int = 0):
     hidden_states, query, residual = self.adapters[last].pre_forward(
         state.hidden_states, state.input_tensor, state.layer_norm, fusion_config=fusion_config)
     state = state._replace(hidden_states=hidden_states, adapter_residual=residual)
-    ups = [self.adapters[c]._peftops_fuse_input(hidden_states) for c in adapter_setup if c in self.adapters]
+    zeros = torch.zeros_like(hidden_states)
+    ups = [self.adapters[c]._peftops_fuse_input(hidden_states, zeros) for c in adapter_setup if c in self.adapters]
     out = adapter_fusion(query, torch.stack(ups, dim=-2), residual, fusion.query.weight, fusion.query.bias,
                          fusion.key.weight, fusion.key.bias, fusion.value.weight, temperature=float(fusion.T))
     fusion.T = max(fusion.T - fusion.reduction, 1.0)  # AdapterHub's temperature schedule
