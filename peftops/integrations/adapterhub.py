@@ -16,15 +16,22 @@ in each layer's ``compose_*`` methods, which call one adapter module per adapter
 * each LoRA-wrapped linear (``LoRALinearTorch``) becomes ``PeftopsLoRALinear`` whose
   ``forward`` runs ``peftops.lora_linear`` (``LoRAConfig``, ``composition_mode="add"``),
   ``peftops.gated_lora_linear`` (a gated LoRA, UniPELT's) or ``peftops.ia3_linear``
-  (``IA3Config``, ``composition_mode="scale"``) when one adapter of this layer is active.
+  (``IA3Config``, ``composition_mode="scale"``) when one adapter of this layer is active;
+* on Llama (whose AdapterHub attention calls the configured transformers attention function
+  after ``self.prefix_tuning``), each ``PrefixTuningLayer`` becomes
+  ``PeftopsPrefixTuningLayer``, which hands the (gated) prefix to a registered attention
+  function running ``peftops.prefix_attention`` instead of concatenating it (flat or
+  reparameterised prefixes, UniPELT's and MAM's prefix halves); the model's
+  ``_attn_implementation`` becomes ``peftops_adapterhub_prefix_<eager|sdpa>``, which runs the
+  previous implementation whenever no prefix is handed over.
 
 A case the kernels do not take at run time (adapter dropout in training, a composition of
 several LoRAs in one layer, Fuse over nested blocks, fusion attention outputs requested,
 another input dtype, autocast ...) runs AdapterHub's own forward, counted as
 ``dispatch_counts()["adapterhub.<kind>.adapterhub_forward"]`` and ``...:<reason>``.
 Modules never swapped (Compacter's PHM layers, channel scaling, stochastic depth, VeRA /
-MTL-LoRA / DoRA, prefix tuning, prompt tuning, ReFT, invertible adapters) are listed in the
-summary with the reason. ``deaccelerate(model)`` restores every class.
+MTL-LoRA / DoRA, prefix tuning outside Llama, prompt tuning, ReFT, invertible adapters) are
+listed in the summary with the reason. ``deaccelerate(model)`` restores every class.
 """
 from __future__ import annotations
 

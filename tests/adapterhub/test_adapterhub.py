@@ -14,11 +14,11 @@ import torch
 
 import adapters
 from adapters.composition import Average, BatchSplit, Fuse, Parallel, Stack
-from adapters import (AdapterFusionConfig, CompacterConfig, DoubleSeqBnConfig, IA3Config, LoRAConfig, MAMConfig, ParBnConfig,
-                      PrefixTuningConfig, SeqBnConfig, UniPELTConfig)
+from adapters import (AdapterFusionConfig, CompacterConfig, DoubleSeqBnConfig, IA3Config, LoRAConfig, MAMConfig,
+                      ParBnConfig, PrefixTuningConfig, SeqBnConfig, UniPELTConfig)
 from adapters.methods.bottleneck import BottleneckLayer
 from adapters.methods.lora import LoRALinearTorch
-from adapters.methods.modeling import Adapter, ParallelAdapter
+from adapters.methods.modeling import Adapter
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel, RobertaConfig, RobertaModel
 
 import peftops
@@ -221,7 +221,8 @@ def test_fuse_parallel_children_and_temperature(device):
     def add(m):
         for n in ("a", "b"):
             m.add_adapter(n, config=ParBnConfig(reduction_factor=4, scaling="learned"))
-        m.add_adapter_fusion(Fuse("a", "b"), config=AdapterFusionConfig.load("dynamic", temperature=True, value_before_softmax=False))
+        fusion = AdapterFusionConfig.load("dynamic", temperature=True, value_before_softmax=False)
+        m.add_adapter_fusion(Fuse("a", "b"), config=fusion)
         m.train_adapter_fusion(Fuse("a", "b"), unfreeze_adapters=True)
 
     model, acc = _build("bert", add, device)
@@ -470,7 +471,10 @@ def test_checkpoint_trained_accelerated_loads_plain(family, device, tmp_path):
     base.train()
     ids = torch.randint(0, VOCAB, (B, T), device=device)
     for setup in (Fuse("a", "b"), "l", "i") + (("p",) if family == "llama" else ()):  # train each on the kernels
-        base.train_adapter_fusion(setup, unfreeze_adapters=True) if isinstance(setup, Fuse) else base.train_adapter(setup)
+        if isinstance(setup, Fuse):
+            base.train_adapter_fusion(setup, unfreeze_adapters=True)
+        else:
+            base.train_adapter(setup)
         opt = torch.optim.SGD([p for p in base.parameters() if p.requires_grad], lr=0.5)
         for _ in range(2):
             opt.zero_grad()
