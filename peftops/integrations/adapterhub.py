@@ -16,15 +16,22 @@ in each layer's ``compose_*`` methods, which call one adapter module per adapter
 * each LoRA-wrapped linear (``LoRALinearTorch``) becomes ``PeftopsLoRALinear`` whose
   ``forward`` runs ``peftops.lora_linear`` (``LoRAConfig``, ``composition_mode="add"``),
   ``peftops.gated_lora_linear`` (a gated LoRA, UniPELT's) or ``peftops.ia3_linear``
-  (``IA3Config``, ``composition_mode="scale"``) when one adapter of this layer is active.
+  (``IA3Config``, ``composition_mode="scale"``) when one adapter of this layer is active;
+* on Llama (whose AdapterHub attention calls the configured transformers attention function
+  after ``self.prefix_tuning``), each ``PrefixTuningLayer`` becomes
+  ``PeftopsPrefixTuningLayer``, which hands the (gated) prefix to a registered attention
+  function running ``peftops.prefix_attention`` instead of concatenating it (flat or
+  reparameterised prefixes, UniPELT's and MAM's prefix halves); the model's
+  ``_attn_implementation`` becomes ``peftops_adapterhub_prefix_<eager|sdpa>``, which runs the
+  previous implementation whenever no prefix is handed over.
 
 A case the kernels do not take at run time (adapter dropout in training, a composition of
 several LoRAs in one layer, Fuse over nested blocks, fusion attention outputs requested,
 another input dtype, autocast ...) runs AdapterHub's own forward, counted as
 ``dispatch_counts()["adapterhub.<kind>.adapterhub_forward"]`` and ``...:<reason>``.
 Modules never swapped (Compacter's PHM layers, channel scaling, stochastic depth, VeRA /
-MTL-LoRA / DoRA, prefix tuning, prompt tuning, ReFT, invertible adapters) are listed in the
-summary with the reason. ``deaccelerate(model)`` restores every class.
+MTL-LoRA / DoRA, prefix tuning outside Llama, prompt tuning, ReFT, invertible adapters) are
+listed in the summary with the reason. ``deaccelerate(model)`` restores every class.
 """
 from __future__ import annotations
 
@@ -164,11 +171,12 @@ class _PeftopsBottleneck:
         return bottleneck_adapter(h, lin.weight, lin.bias, self.adapter_up.weight, self.adapter_up.bias,
                                   residual=residual, activation=self._peftops_act, scaling=scaling, gate=gate)
 
-    def _peftops_fuse_input(self, x):
-        """AdapterHub's ``up`` (scaling * up-projection, before dropout and gate) for Fuse."""
+    def _peftops_fuse_input(self, x, zeros):
+        """AdapterHub's ``up`` (scaling * up-projection, before dropout and gate) for Fuse
+        (``zeros``: a zero residual shaped like x, shared by the fused adapters)."""
         gate = self.scaling.view(*([1] * x.dim())) if isinstance(self.scaling, nn.Parameter) else None
         scaling = 1.0 if gate is not None else float(self.scaling)
-        return self._peftops_up(x, None, gate, scaling)
+        return self._peftops_up(x, zeros, gate, scaling)
 
 
 class PeftopsAdapter(_PeftopsBottleneck, Adapter):
@@ -274,7 +282,8 @@ def _compose_fuse(self, adapter_setup: Fuse, state, lvl: int = 0):
     hidden_states, query, residual = self.adapters[last].pre_forward(
         state.hidden_states, state.input_tensor, state.layer_norm, fusion_config=fusion_config)
     state = state._replace(hidden_states=hidden_states, adapter_residual=residual)
-    ups = [self.adapters[c]._peftops_fuse_input(hidden_states) for c in adapter_setup if c in self.adapters]
+    zeros = torch.zeros_like(hidden_states)
+    ups = [self.adapters[c]._peftops_fuse_input(hidden_states, zeros) for c in adapter_setup if c in self.adapters]
     out = adapter_fusion(query, torch.stack(ups, dim=-2), residual, fusion.query.weight, fusion.query.bias,
                          fusion.key.weight, fusion.key.bias, fusion.value.weight, temperature=float(fusion.T))
     fusion.T = max(fusion.T - fusion.reduction, 1.0)  # AdapterHub's temperature schedule
@@ -615,4 +624,4 @@ def deaccelerate(model: nn.Module) -> nn.Module:
 def _config_owner(model, layer):
     """The module whose ``config`` the prefix layer's attention reads (the base model)."""
     base = getattr(model, "base_model", model)
-    return base if getattr(base, "config", None) is layer.model_config or hasattr(base, "config") else model
+    return base if hasattr(base, "config") else model

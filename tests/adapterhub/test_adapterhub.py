@@ -14,12 +14,12 @@ import torch
 
 import adapters
 from adapters.composition import Average, BatchSplit, Fuse, Parallel, Stack
-from adapters import (AdapterFusionConfig, CompacterConfig, DoubleSeqBnConfig, IA3Config, LoRAConfig, MAMConfig, ParBnConfig,
-                      PrefixTuningConfig, SeqBnConfig, UniPELTConfig)
+from adapters import (AdapterFusionConfig, CompacterConfig, DoubleSeqBnConfig, IA3Config, LoRAConfig, MAMConfig,
+                      ParBnConfig, PrefixTuningConfig, SeqBnConfig, UniPELTConfig)
 from adapters.methods.bottleneck import BottleneckLayer
 from adapters.methods.lora import LoRALinearTorch
-from adapters.methods.modeling import Adapter, ParallelAdapter
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
+from adapters.methods.modeling import Adapter
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel, RobertaConfig, RobertaModel
 
 import peftops
 from peftops.integrations import adapterhub as ah
@@ -44,14 +44,32 @@ def _llama(dtype=torch.float32, attn="eager"):
     return LlamaModel(cfg).to(dtype)
 
 
-MODELS = {"bert": _bert, "llama": _llama}
+def _roberta(dtype=torch.float32):
+    cfg = RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                        vocab_size=VOCAB, max_position_embeddings=20, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, pad_token_id=1)
+    return RobertaModel(cfg, add_pooling_layer=False).to(dtype)
+
+
+def _heads(family):
+    """An ``AutoAdapterModel`` (AdapterHub's model with heads) of the same tiny config."""
+    def make(dtype=torch.float32):
+        base = MODELS[family](dtype)
+        cls = {"bert": adapters.BertAdapterModel, "llama": adapters.LlamaAdapterModel}[family]
+        return cls(base.config).to(dtype)
+    return make
+
+
+MODELS = {"bert": _bert, "llama": _llama, "roberta": _roberta}
+MODELS.update({f"{f}_heads": _heads(f) for f in ("bert", "llama")})
 
 
 def _build(family, add, device, dtype=torch.float32):
     """(AdapterHub model, its peftops-accelerated deep copy), adapters with random weights
     (up projections / LoRA B non-zero), base frozen, training mode."""
     model = MODELS[family](dtype)
-    adapters.init(model)
+    if not family.endswith("_heads"):
+        adapters.init(model)
     add(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -65,7 +83,8 @@ def _build(family, add, device, dtype=torch.float32):
 
 
 def _run(model, ids, mask=None):
-    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    res = model(input_ids=ids, attention_mask=mask)
+    out = res.logits if hasattr(res, "logits") else res.last_hidden_state
     loss = (out.float() * torch.linspace(-1, 1, out.shape[-1], device=out.device)).square().sum()
     loss.backward()
     return out, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -202,7 +221,8 @@ def test_fuse_parallel_children_and_temperature(device):
     def add(m):
         for n in ("a", "b"):
             m.add_adapter(n, config=ParBnConfig(reduction_factor=4, scaling="learned"))
-        m.add_adapter_fusion(Fuse("a", "b"), config=AdapterFusionConfig.load("dynamic", temperature=True, value_before_softmax=False))
+        fusion = AdapterFusionConfig.load("dynamic", temperature=True, value_before_softmax=False)
+        m.add_adapter_fusion(Fuse("a", "b"), config=fusion)
         m.train_adapter_fusion(Fuse("a", "b"), unfreeze_adapters=True)
 
     model, acc = _build("bert", add, device)
@@ -235,6 +255,21 @@ def test_ia3(family, device):
 
     model, acc = _build(family, add, device)
     _launched(_check_equal(model, acc, device), "ia3")
+
+
+@pytest.mark.parametrize("family", ["bert_heads", "llama_heads", "roberta"])
+def test_auto_adapter_model_with_head(family, device):
+    """AdapterHub's models with heads (AutoAdapterModel), and RoBERTa (adapters.init)."""
+    def add(m):
+        _three(m)
+        m.add_adapter("l", config=LoRAConfig(r=4, init_weights="bert"))
+        if family.endswith("_heads"):
+            m.add_classification_head("a", num_labels=3)
+        m.add_adapter_fusion(Fuse("a", "b", "c"))
+        m.train_adapter_fusion(Fuse("a", "b", "c"), unfreeze_adapters=True)
+
+    model, acc = _build(family, add, device)
+    _launched(_check_equal(model, acc, device), "adapter", "adapter_fusion")
 
 
 # --------------------------------------------------------------------------- prefix / UniPELT / MAM
@@ -420,9 +455,13 @@ def test_checkpoint_trained_accelerated_loads_plain(family, device, tmp_path):
         m.add_adapter("a", config=SeqBnConfig(reduction_factor=4, use_gating=True))
         m.add_adapter("b", config=ParBnConfig(reduction_factor=4))
         m.add_adapter("l", config=LoRAConfig(r=4, init_weights="bert", intermediate_lora=True))
+        m.add_adapter("i", config=IA3Config())
+        if family == "llama":
+            m.add_adapter("p", config=PrefixTuningConfig(prefix_length=3))
         m.add_adapter_fusion(Fuse("a", "b"))
         m.train_adapter_fusion(Fuse("a", "b"), unfreeze_adapters=True)
 
+    names = ("a", "b", "l", "i") + (("p",) if family == "llama" else ())
     torch.manual_seed(1)
     base = MODELS[family]().to(device)
     base_state = copy.deepcopy(base.state_dict())
@@ -430,24 +469,29 @@ def test_checkpoint_trained_accelerated_loads_plain(family, device, tmp_path):
     add(base)
     peftops.accelerate(base)
     base.train()
-    opt = torch.optim.SGD([p for p in base.parameters() if p.requires_grad], lr=0.5)
     ids = torch.randint(0, VOCAB, (B, T), device=device)
-    for _ in range(2):
-        opt.zero_grad()
-        _run(base, ids)
-        opt.step()
-    for n in ("a", "b", "l"):
+    for setup in (Fuse("a", "b"), "l", "i") + (("p",) if family == "llama" else ()):  # train each on the kernels
+        if isinstance(setup, Fuse):
+            base.train_adapter_fusion(setup, unfreeze_adapters=True)
+        else:
+            base.train_adapter(setup)
+        opt = torch.optim.SGD([p for p in base.parameters() if p.requires_grad], lr=0.5)
+        for _ in range(2):
+            opt.zero_grad()
+            _run(base, ids)
+            opt.step()
+    for n in names:
         base.save_adapter(str(tmp_path / n), n)
     base.save_adapter_fusion(str(tmp_path / "fuse"), "a,b")
 
     plain = MODELS[family]().to(device)
     plain.load_state_dict(base_state)
     adapters.init(plain)
-    for n in ("a", "b", "l"):
+    for n in names:
         plain.load_adapter(str(tmp_path / n))
     plain.load_adapter_fusion(str(tmp_path / "fuse"))
     base.eval(), plain.eval()
-    for setup in (Fuse("a", "b"), "l", "a"):
+    for setup in (Fuse("a", "b"), "a", "b") + names[2:]:
         base.set_active_adapters(setup), plain.set_active_adapters(setup)
         with torch.no_grad():
             o_acc, o_plain = base(input_ids=ids).last_hidden_state, plain(input_ids=ids).last_hidden_state
