@@ -34,7 +34,7 @@ validates indices it can see without a device sync (CPU tensors, Python lists).
 import triton
 import triton.language as tl
 
-from . import cdiv
+from . import FP32, HALF, SIZES, cdiv, enumerates, variant
 from .gemm import tile_of, tma_mainloop
 
 
@@ -270,3 +270,47 @@ def tma_config(M, N, interpret, num_sms):
     if cdiv(M, 128) * cdiv(N, 128) >= num_sms:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+
+
+# ------------------------------------------- every config the functions above can return
+# (compile-check compiles each over the recorded flag paths: tests/test_config_variants.py)
+_ENUM_SMS = (132, 108)                 # H100 / H200, A100
+_ENUM_WIDTHS = (256, 1024, 4096, 16384)
+
+
+@enumerates(shrink_config)
+def shrink_config_variants():
+    for M in SIZES:
+        for K in _ENUM_WIDTHS:
+            for sms in _ENUM_SMS:
+                yield variant("multi_shrink_kernel", shrink_config(M, K, False, 2 * sms))
+
+
+@enumerates(expand_config)
+def expand_config_variants():
+    for M in SIZES:
+        yield variant("multi_expand_kernel", expand_config(M, 4096, False), dtypes=HALF)
+        for ieee in (False, True):
+            yield variant("multi_expand_kernel", expand_config(M, 4096, False, ieee=ieee), dtypes=FP32,
+                          where=dict(EPI_PRECISION="ieee" if ieee else "tf32"))
+
+
+@enumerates(wgrad_config)
+def wgrad_config_variants():
+    for T in SIZES:
+        for n in (1, 4, 64):
+            for sms in _ENUM_SMS:
+                yield variant("multi_wgrad_kernel", wgrad_config(T, 4096, n, False, 2 * sms))
+
+
+def _tma_descs(c):
+    """multi_gemm_tma_kernel's TMA descriptor boxes (ops/lora_multi.py) for constexprs ``c``."""
+    bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+    return {"x_desc": [bm, bk], "w_desc": [bn, bk] if c["W_NK"] else [bk, bn], "out_desc": [bm, bn]}
+
+
+@enumerates(tma_config)
+def tma_config_variants():
+    for M in SIZES:
+        for N in _ENUM_WIDTHS:
+            yield variant("multi_gemm_tma_kernel", tma_config(M, N, False, 132), dtypes=HALF, descs=_tma_descs)
