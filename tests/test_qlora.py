@@ -156,7 +156,9 @@ def test_qlora_linear_parity(dtype, lead, n_in, n_out, r):
     run_parity(qlora_case(lead, n_in, n_out, r), dtype, grads=("x", "lora_A", "lora_B", "bias"))
     counts = peftops.dispatch_counts()
     assert counts.get(f"qlora.path:{counts_path}") == 1 and counts.get("qlora.triton") == 1, counts
-    assert counts.get("launch.qlora_gemv" if counts_path == "gemv" else "launch.lora_gemm", 0) >= 1, counts
+    launched = ("launch.qlora_gemv",) if counts_path == "gemv" else \
+        ("launch.lora_gemm", "launch.lora_gemm_tma", "launch.lora_rank_add")  # the LoRA path its table picks
+    assert any(counts.get(k, 0) >= 1 for k in launched), counts
     assert counts.get("launch.dequant_4bit") == (1 if counts_path == "gemv" else 2), counts  # bwd (+ fwd)
 
 
@@ -530,6 +532,7 @@ def test_qdora_dropout_and_float64_fall_back_visibly():
 def test_accelerated_qdora_layer_vs_peft(compute_dtype, rows, device):
     """peft's lora.bnb.Linear4bit with use_dora=True, accelerated: output and dx, dA, dB, dm
     against peft's own layer and float64 on the dequantised weights (ours <= 1.5x peft's error)."""
+    pytest.importorskip("bitsandbytes")
     from peft import LoraConfig
     from peft.tuners.lora.bnb import Linear4bit
 
