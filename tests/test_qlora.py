@@ -570,3 +570,15 @@ def test_accelerated_qdora_layer_vs_peft(compute_dtype, rows, device):
         err_ours, err_peft = rel_err(g, ref), rel_err(p, ref)
         bound = max(BOUNDS[torch.float32], 1.5 * err_peft + 1e-3 * (compute_dtype != torch.float32))
         assert err_ours <= bound, f"{name}: ours {err_ours:.3e} vs peft {err_peft:.3e} off float64 (bound {bound:.3e})"
+
+
+def test_dequant_reads_bnb_quant_storage_other_than_uint8(device):
+    """bitsandbytes' ``quant_storage`` option (e.g. bf16, for FSDP) keeps the same bytes in
+    another dtype: read in place (a uint8 view), bit-exact."""
+    bF = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(32, 64, device=device)
+    packed, qs = bF.quantize_4bit(w, blocksize=64, quant_type="nf4", quant_storage=torch.bfloat16)
+    assert packed.dtype == torch.bfloat16
+    q = Quant4bit.from_bnb(packed, qs)
+    assert q.packed.dtype == torch.uint8 and q.packed.data_ptr() == packed.data_ptr()
+    assert_bits_equal("bf16 storage", peftops.dequantize_4bit(q), bF.dequantize_4bit(packed, qs))
