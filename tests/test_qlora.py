@@ -582,3 +582,23 @@ def test_dequant_reads_bnb_quant_storage_other_than_uint8(device):
     q = Quant4bit.from_bnb(packed, qs)
     assert q.packed.dtype == torch.uint8 and q.packed.data_ptr() == packed.data_ptr()
     assert_bits_equal("bf16 storage", peftops.dequantize_4bit(q), bF.dequantize_4bit(packed, qs))
+
+
+def test_accelerated_layer_merge_unmerge_are_peft_s(device):
+    """peft owns merging a 4-bit layer (dequantise, add s B A, requantise: a new 4-bit weight):
+    merged, the accelerated layer gives peft's merged output; unmerged, our kernels run again
+    on the new weight and agree with peft's unmerged layer."""
+    base = bnb_layer(64, 32, quant_type="nf4", blocksize=64, double_quant=True, compute_dtype=torch.float32,
+                     bias=True, device=device)
+    peft_layer = peft_qlora(base, 4)
+    ours = peftops.accelerate(copy.deepcopy(peft_layer))
+    x = torch.randn(5, 64, device=device)
+    for layer in (peft_layer, ours):
+        layer.merge()
+        assert layer.merged
+    assert_close("merged", ours(x), peft_layer(x), BOUNDS[torch.float32])
+    for layer in (peft_layer, ours):
+        layer.unmerge()
+    peftops.reset_dispatch_counts()
+    assert_close("unmerged", ours(x), peft_layer(x), BOUNDS[torch.float32])
+    assert peftops.dispatch_counts().get("qlora.triton") == 1
