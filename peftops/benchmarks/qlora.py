@@ -14,7 +14,8 @@ bf16 base GEMM alone (the bar for 4-bit decode at T <= 16: faster than it).
 The 4-bit W comes from ``peftops.quantize_4bit`` (bitsandbytes' format, no bitsandbytes
 needed); the ``peft`` provider quantises the same W with bitsandbytes (same bytes).
 Shapes: d = k = 4096, r = 16, T in {16, 512, 8192}, bf16; ``small``: tiny shapes for the
-CPU parity pass (both paths).
+CPU parity pass (both paths). QDoRA (``qdora.fwd_bwd``, the same shapes): ``peftops.qdora_linear``
+vs the eager formula (dequantise, then DoRA) and our DoRA on the dense bf16 W (``dora_bf16``).
 """
 from __future__ import annotations
 
@@ -111,9 +112,37 @@ def _case(op, T, d, k, r, dtype, device):
                 flops=flops, bytes=nbytes, parity_with="eager", compare=("peftops",), paths_from="peftops.ops.qlora")
 
 
+def _qdora_case(T, d, k, r, dtype, device):
+    """QDoRA fwd+bwd: ``peftops.qdora_linear`` vs the eager formula (dequantise, then DoRA)
+    and our DoRA on the dense bf16 W (``dora_bf16``)."""
+    from ..ops.dora import dora_linear
+    from ..ops.qlora import qdora_linear
+
+    scaling = 2.0
+
+    def make(provider):
+        def build():
+            x, w, b, a, bb, dy = _inputs(T, d, k, r, dtype, device, True)
+            m = (randn(generator(device, 2), d, dtype=torch.float32, scale=0.1, shift=1.0)).requires_grad_(True)
+            q = quantize_4bit(w, blocksize=BLOCKSIZE, quant_type=QUANT_TYPE, double_quant=DOUBLE_QUANT)
+            if provider == "dora_bf16":
+                call = lambda: dora_linear(x, w, b, a, bb, m, scaling)  # noqa: E731
+            else:
+                fn = qdora_linear if provider == "peftops" else reference.qdora_linear
+                call = lambda: fn(x, q, b, a, bb, m, scaling)  # noqa: E731
+            return _runner(call, [x, a, bb, m], dy, True)
+        return build
+
+    flops = 3 * (2.0 * T * d * k + 2.0 * T * r * (d + k)) + 2.0 * d * k * r
+    return Case(op="qdora.fwd_bwd", shape=dict(T=T, d=d, k=k, r=r, quant=f"{QUANT_TYPE}-bs{BLOCKSIZE}-dq"),
+                dtype=dtype, providers={p: make(p) for p in ("dora_bf16", "eager", "peftops")}, flops=flops,
+                parity_with="eager", compare=("peftops",))
+
+
 def cases(device: torch.device, dtype: torch.dtype, small: bool) -> list[Case]:
     if small:
         grid = [(5, 48, 128, 7), (80, 48, 128, 7)]  # gemv and dequant paths
     else:
         grid = [(T, 4096, 4096, 16) for T in (16, 512, 8192)]
-    return [_case(op, *s, dtype, device) for op in ("qlora.fwd", "qlora.fwd_bwd") for s in grid]
+    out = [_case(op, *s, dtype, device) for op in ("qlora.fwd", "qlora.fwd_bwd") for s in grid]
+    return out + [_qdora_case(*s, dtype, device) for s in grid]
