@@ -306,9 +306,9 @@ def pytest_runtest_protocol(item, nextitem):
                 verdict, reports = "flaky", again
     if verdict == "passed" and any(hasattr(r, "wasxfail") for r in reports):
         verdict = "xfailed"  # peft's own xfail marks
-    elif verdict == "passed" and all(r.skipped for r in reports if r.when != "teardown"):
+    elif verdict == "passed" and any(r.skipped for r in reports):
         verdict = "skipped"
-    counts["verdict"] = verdict
+    counts["verdict"], counts["kind"] = verdict, _kind(item)
     last = reports[-1]
     last.user_properties = [*last.user_properties, (_PROP, counts)]
     for r in reports:
@@ -376,6 +376,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     w.line(f"passed {len(t['passed'])}, skipped {len(t['skipped'])}, xfailed by peft {len(t['xfailed'])}, failed without peftops too (xfailed, "
            f"not ours) {len(t['fails_plain'])}, failed only accelerated {len(t['accelerated_only'])}, "
            f"flaky (failed once accelerated, then passed) {len(t['flaky'])}")
+    by_kind: dict[str, list[int]] = {}
+    for c in _tests.values():
+        row = by_kind.setdefault(str(c.get("kind")), [0, 0, 0])
+        row[0] += 1
+        row[1] += c["swapped"] > 0
+        row[2] += c["launches"] > 0
+    w.line("by kind (tests / swapped a layer / launched a kernel): " + ", ".join(
+        f"{k} {n} / {s} / {la}" for k, (n, s, la) in sorted(by_kind.items())))
     for verdict, title in (("accelerated_only", "FAILED ONLY ACCELERATED"), ("fails_plain", "failed plain too"),
                            ("flaky", "flaky")):
         for nodeid in t[verdict]:

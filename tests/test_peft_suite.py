@@ -61,6 +61,9 @@ def test_fails_plain_too():
     build(LoraConfig(target_modules=["lin0"]))
     assert 1 == 2
 
+def test_lora_skipped():
+    pytest.skip("not here")
+
 @pytest.mark.parametrize("config_cls", [LoraConfig, AdaLoraConfig])
 def test_deselected_unless_lora(config_cls):
     pass
@@ -81,19 +84,22 @@ def test_verdicts_and_selection(pytester, monkeypatch):
     result, report = _run(pytester, monkeypatch, CASES, "--peftops-select=lora,ia3", "-rxX")
     assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stdout.str()
     # AdaLoRA is another tuner: deselected; LoRA's parametrised case kept
-    result.assert_outcomes(passed=3, failed=1, xfailed=1, deselected=1)
+    result.assert_outcomes(passed=3, failed=1, xfailed=1, skipped=1, deselected=1)
     t = report["totals"]
     assert t["accelerated_only"] == ["test_cases.py::test_fails_only_accelerated"]
     assert t["fails_plain"] == ["test_cases.py::test_fails_plain_too"]
-    assert t["flaky"] == []
+    assert t["flaky"] == [] and t["skipped"] == ["test_cases.py::test_lora_skipped"]
     tests = report["tests"]
     assert tests["test_cases.py::test_lora_forward_and_reload"]["swapped"] == 4  # 2 built + 2 loaded
     assert tests["test_cases.py::test_ia3_add_adapter_new_target"]["swapped"] == 2
+    assert tests["test_cases.py::test_ia3_add_adapter_new_target"]["kind"] == "ia3"
+    assert tests["test_cases.py::test_deselected_unless_lora[LoraConfig]"]["kind"] == "lora"
     assert tests["test_cases.py::test_lora_forward_and_reload"]["launches"] > 0
     assert tests["test_cases.py::test_deselected_unless_lora[LoraConfig]"]["swapped"] == 0
     assert t["swapped"] == 4 + 2 + 1 + 1 and t["launches"] > 0
     text = result.stdout.str()
     assert "FAILED ONLY ACCELERATED: test_cases.py::test_fails_only_accelerated" in text
+    assert "by kind (tests / swapped a layer / launched a kernel): ia3 1 / 1 / 1, lora 5 / 3 / 1" in text
     assert "passes without peftops.accelerate" in text
 
 
@@ -106,5 +112,5 @@ def test_nothing_accelerated_fails_the_run(pytester, monkeypatch):
     assert "no test swapped a peft layer" in result.stdout.str()
     # the plain baseline runs the same selection with nothing wrapped, and no zero check
     result, report = _run(pytester, monkeypatch, CASES, "--peftops-plain", "-k", "lora_forward or fails_only")
-    result.assert_outcomes(failed=1, passed=1, deselected=4)  # peft's own layer: "Linear", no PeftopsLoraLinear
+    result.assert_outcomes(failed=1, passed=1, deselected=5)  # peft's own layer: "Linear", no PeftopsLoraLinear
     assert report is None
