@@ -24,6 +24,8 @@ inside another kernel's main loop (the fused 4-bit GEMV in kernels/qlora.py).
 import triton
 import triton.language as tl
 
+from . import enumerates, variant
+
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' quantize_4bit accepts these
 
 
@@ -107,3 +109,9 @@ def dequant_config(n_bytes: int, interpret: bool) -> dict:
     if interpret:
         return dict(BLOCK_B=4096, num_warps=4)
     return dict(BLOCK_B=1024, num_warps=4)
+
+
+@enumerates(dequant_config)
+def dequant_config_variants():
+    """Every config dequant_config returns (one: it does not depend on the size), for compile-check."""
+    yield variant("dequant_4bit_kernel", dequant_config(1 << 24, False))

@@ -13,6 +13,7 @@ the LoRA skinny pass) as BLOCK_R more K-steps of the same accumulator, and the b
 import triton
 import triton.language as tl
 
+from . import FP32, HALF, SIZES, enumerates, variant
 from .dequant import dequant_tile, round_to
 
 
@@ -70,3 +71,15 @@ def gemv_config(M: int, N: int, interpret: bool, sms: int, half: bool = True) ->
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, num_warps=4, num_stages=2)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=256 if block_m <= 16 else 128, num_warps=4,
                 num_stages=3)
+
+
+@enumerates(gemv_config)
+def gemv_config_variants():
+    """Every config gemv_config returns (rows up to GEMV_MAX_ROWS, widths on both sides of the
+    SM count, H100 / H200 and A100), for compile-check."""
+    for M in (m for m in SIZES if m <= GEMV_MAX_ROWS):
+        for N in (256, 1024, 4096, 16384):
+            for sms in (132, 108):
+                for half in (True, False):
+                    yield variant("qlora_gemv_kernel", gemv_config(M, N, False, sms, half=half),
+                                  dtypes=HALF if half else FP32)
