@@ -456,14 +456,15 @@ def rank_add_config(M, N, interpret, dropout=False):
     return dict(BLOCK_M=64, BLOCK_N=128, num_warps=8 if dropout else 4)
 
 
-def skinny_config(M, N, want_programs, interpret, half=True):
+def skinny_config(M, N, want_programs, interpret, half=True, p1=True):
     """Launch config for ``lora_skinny_kernel``: tile sizes and the number of column
-    splits (enough programs to fill the GPU when M is small)."""
+    splits (enough programs to fill the GPU when M is small). Up to 16 rows, P2 alone (dA)
+    takes 128-wide tiles: at 256 its half-precision variant spills 16 B on sm_80."""
     warps = 4
     if interpret:
         block_m, block_n = 32, 64
     elif M <= 16:
-        block_m, block_n = 16, 256
+        block_m, block_n = 16, 256 if p1 else 128
     elif M < SKINNY_TALL_ROWS or not half:
         block_m, block_n = 64, 128
     else:  # P2's fp32 partials are one [N, r] per row block: 256-row blocks write 4x fewer
