@@ -499,14 +499,15 @@ def rank_add_config_variants():
         yield variant("lora_rank_add_kernel", rank_add_config(4096, 4096, False, dropout), where=dict(DROPOUT=dropout))
 
 
-def skinny_config(M, N, want_programs, interpret, half=True):
+def skinny_config(M, N, want_programs, interpret, half=True, p1=True):
     """Launch config for ``lora_skinny_kernel``: tile sizes and the number of column
-    splits (enough programs to fill the GPU when M is small)."""
+    splits (enough programs to fill the GPU when M is small). Up to 16 rows, P2 alone (dA)
+    takes 128-wide tiles: at 256 its half-precision variant spills 16 B on sm_80."""
     warps = 4
     if interpret:
         block_m, block_n = 32, 64
     elif M <= 16:
-        block_m, block_n = 16, 256
+        block_m, block_n = 16, 256 if p1 else 128
     elif M < SKINNY_TALL_ROWS or not half:
         block_m, block_n = 64, 128
     else:  # P2's fp32 partials are one [N, r] per row block: 256-row blocks write 4x fewer
@@ -528,7 +529,9 @@ SKINNY_TALL_ROWS = 2048  # from here on lora_skinny_kernel takes 256-row blocks
 def skinny_config_variants():
     for M in SIZES:
         for half in (True, False):
-            yield variant("lora_skinny_kernel", skinny_config(M, 4096, 264, False, half=half), dtypes=HALF if half else FP32)
+            for p1 in (True, False):  # p1: the pass makes P1 = drop(x) e (DO_P1)
+                yield variant("lora_skinny_kernel", skinny_config(M, 4096, 264, False, half=half, p1=p1),
+                              dtypes=HALF if half else FP32, where=dict(DO_P1=p1))
 
 
 @triton.jit

@@ -144,7 +144,7 @@ def _skinny(x, e=None, f=None, *, seed=None, p=0.0, f_rowscale=None, f_scale=1.0
     M, N = x.shape
     R = (e if e is not None else f).shape[1]
     interpret = cpu_configs(x)
-    cfg = k.skinny_config(M, N, 2 * num_sms(x.device), interpret, half=x.dtype != torch.float32)
+    cfg = k.skinny_config(M, N, 2 * num_sms(x.device), interpret, half=x.dtype != torch.float32, p1=e is not None)
     m_blocks, splits = -(-M // cfg["BLOCK_M"]), cfg["splits"]
     p1 = empty((splits, M, R), torch.float32, x.device) if e is not None else None
     p2 = empty((m_blocks, N, R), torch.float32, x.device) if f is not None else None
