@@ -198,7 +198,7 @@ def enumerated_launches(recs: list[dict], lean: bool = True) -> tuple[list[dict]
             counts: dict[tuple, int] = {}
             for rec in group:
                 counts[_int_pattern(rec)] = counts.get(_int_pattern(rec), 0) + 1
-            best = max(counts, key=lambda p: (sum(p), counts[p]))  # the most unit strides: the contiguous case
+            best = max(counts, key=lambda p: (counts[p], sum(p)))  # the most frequent (the contiguous case)
             new = _apply(next(r for r in group if _int_pattern(r) == best), module, fn_name, v)
             out.setdefault(json.dumps(new, sort_keys=True), new)
     return list(out.values()), unreached
