@@ -17,6 +17,11 @@ test and still fail to compile, or spill and run 7x slower, on an H100 (shared/P
    and become constexprs, every other integer is taken as a multiple of 16 (the
    ``tt.divisibility`` 16 a launch at 4096-sized shapes gets). Odd test shapes thus stand
    for the real-shape variant of the same code path.
+2b. enumerate: every ``*config`` function in kernels/ declares the configs it can return
+   (``@kernels.enumerates`` next to it: a generator of ``kernels.variant``); each is applied to
+   every recorded flag path (flags, dtypes) of its kernel, at that path's most frequent integer
+   pattern, and compiled on sm_90 (``--enum-arch``) unless the record has that specialisation,
+   so a config no test shape reaches still meets the GPU compiler here first.
 3. compile each distinct specialisation for each arch down to a cubin with Triton's ptxas,
    and read ``cuobjdump -res-usage`` (REG, STACK = spill/stack bytes, SHARED) and whether
    the PTX uses wgmma.
@@ -282,7 +287,8 @@ def plan(recs: list[dict], archs: list[int], full_archs: set[int],
     """(launch, arch) pairs to compile: every distinct specialisation on ``full_archs``; on the
     other archs one per half-precision code path (its most frequent integer pattern: the
     contiguous case), which is what their check needs (compile errors, shared memory) at a
-    quarter of the cost: a cold compile takes ~2.7 s of one core. Enumerated launches
+    quarter of the cost: a cold compile takes ~1.5 s of one core (CPU seconds, triton 3.9,
+    measured 2026-12-01; more wall time on a loaded machine). Enumerated launches
     (``enumerated_launches``) only on ``enum_archs`` (None: every arch), after the recorded
     ones, so a specialisation the record has is compiled once, as recorded."""
     jobs: dict[str, tuple[dict, int]] = {}
@@ -424,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample", type=int, default=0,
                         help="compile only a random N of the planned variants (seeded; to estimate the cold time)")
     parser.add_argument("--enum-all", action="store_true",
-                        help="apply each enumerated config to every recorded flag path, not only the maximal ones")
+                        help="apply each enumerated config to every recorded fp32 flag path too (default: every "
+                             "half-precision path, and the fp32 paths no other contains)")
     parser.add_argument("--enum-arch", default="90",
                         help="archs the enumerated configs (every config a launch-config function can return, "
                              "not only those the record reached) are compiled for; '' for none")
