@@ -17,7 +17,6 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-
 # ------------------------------------------------ the configs a launch-config function can return
 # Every ``*config`` function here declares, next to itself, a generator of every config it can
 # return (``@enumerates(config_fn)``), so ``python -m peftops compile-check`` compiles each one
@@ -42,12 +41,13 @@ def enumerates(config_fn):
 def variant(kernel, cfg, *, dtypes=None, where=None, descs=None, **constexprs):
     """One config a launch-config function returns, as compile-check applies it to the launches
     recorded for ``kernel``: ``cfg``'s upper-case keys (BLOCK_*, GROUP_M, ONE_PASS) and
-    ``constexprs`` (those the launcher derives from the same shapes: BLOCK_W, BLOCK_D, SPLIT_K)
+    ``constexprs`` (those the launcher derives from the same shapes: BLOCK_W, BLOCK_D)
     replace the recorded constexprs, its num_warps / num_stages the launch options (its other
     keys are run-time integers: splits, rows per split). It applies to recorded launches whose
     first tensor has one of ``dtypes`` (None: any) and whose constexprs equal ``where`` (the
-    flags the function was called with). ``descs(constexprs)`` gives the TMA descriptors' block
-    shapes by parameter name for kernels that take descriptors."""
+    flags the function was called with, and flags that also change the arguments, such as
+    SPLIT_K's partial buffers: those are matched, never set). ``descs(constexprs)`` gives the
+    TMA descriptors' block shapes by parameter name for kernels that take descriptors."""
     cx = {k: v for k, v in cfg.items() if k.isupper()}
     cx.update(constexprs)
     return {"kernel": kernel, "constexprs": cx,

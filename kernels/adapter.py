@@ -293,8 +293,10 @@ def rows_config(T, D, MW, interpret, forward=False, half=True):
     block_w = max(16, next_pow2(MW))
     if forward and half and block_w <= 64 and T >= FWD_TALL_ROWS:
         return dict(BLOCK_M=64, BLOCK_D=128, num_warps=8, num_stages=3)
-    if T <= 16:  # at m > 128, 128-wide d tiles in fp32 need 280 KiB of shared memory
-        return dict(BLOCK_M=16, BLOCK_D=128 if block_w <= 128 else 64, num_warps=4, num_stages=3)
+    if T <= 16:  # at m > 128, 128-wide d tiles in fp32 need 280 KiB of shared memory, and 4 warps
+        # spilled 592 B (backward, bf16, triton 3.9: GELU / silu without gate; found by the enumeration)
+        return dict(BLOCK_M=16, BLOCK_D=128 if block_w <= 128 else 64, num_warps=4 if block_w <= 128 else 8,
+                    num_stages=3)
     if block_w <= 16 and not forward:  # 32 x 128 left an 8 B stack frame (triton 3.9, sm_90: GELU, no gate
         # or no up bias, at 56 registers); 32 x 64 keeps the same bytes in flight (two 6 KiB stages
         # ahead, not one of 12) at 44-64 registers, spill-free under 3.6 and 3.9

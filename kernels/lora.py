@@ -405,8 +405,10 @@ def gemm_config_variants():
                 for drop_epi, drop_s in ((False, False), (True, False), (False, True))[:3 if M <= FUSE_S_MAX_ROWS else 2]:
                     cfg = gemm_config(M, N, 4096, False, sms, drop_epi=drop_epi, drop_s=drop_s)
                     # > 64 rows S comes in made (FUSE_S only up to FUSE_S_MAX_ROWS; beyond, the TMA kernel)
-                    where = dict(DROP_EPI=drop_epi, DROP_S=drop_s, **({} if M <= FUSE_S_MAX_ROWS else dict(FUSE_S=False)))
-                    yield variant("lora_gemm_kernel", cfg, where=where, SPLIT_K=cfg["splits"] > 1)
+                    # SPLIT_K selects the arguments too (fp32 partials, counters): a flag to match, not to set
+                    where = dict(DROP_EPI=drop_epi, DROP_S=drop_s, SPLIT_K=cfg["splits"] > 1,
+                                 **({} if M <= FUSE_S_MAX_ROWS else dict(FUSE_S=False)))
+                    yield variant("lora_gemm_kernel", cfg, where=where)
 
 
 # Decode split-K (lora_gemm_kernel's SPLIT_K): on (DECODE_SPLIT_K), each split at least this

@@ -389,30 +389,32 @@ def fwd_config(T, D, elt, interpret):
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
     if T <= 64:  # D <= 32 at 64 x 64 spilled 16 B on sm_80
         return dict(BLOCK_M=64, BLOCK_N=32 if BD <= 32 else 64, num_warps=4, num_stages=2)
-    if BD >= 128:  # 3 stages spilled 8 B under triton 3.6 (causal; 255 registers): 2 stages keep the
-        # tile and its wgmma shapes, one K/V block in flight (255 / 3.9: see MODEL.md), 96 KiB
+    if BD >= 128:  # 3 stages spilled 8 B under triton 3.6 (causal, at 255 registers): 2 keep the tile
+        # and its wgmma shapes with one K/V block in flight (96 KiB; 244-255 registers, 3.9 / 3.6)
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)  # D <= 64 on 4 warps spilled 8 B
 
 
-def bwd_config(T, D, elt, interpret):
-    """Launch config for the backward kernels (dK, dV, Q, dO tiles on chip), spill-free on
-    sm_90 and sm_80 in half precision (all 8 warps): 64 x 64 up to D = 32, 64 x 32 at D = 64
-    (64 x 64 spilled 8-64 B on sm_80; 4 warps 16-56 B on sm_90), 32 x 64 at D = 128 (64 x 64
-    spilled 96-176 B), 32 x 32 at D = 256 (32 x 64: 488 B). One stage (no software-pipelined
-    loads) at D <= 32 and D = 128: at two, triton 3.6 spilled 8 B (dK/dV, causal, D <= 32) and
-    16 B (D = 128) at 255 registers; one stage frees 40-130 of them, so two blocks fit an SM
-    where one did (latency hidden by the second block, not by the prefetch)."""
+def bwd_config(T, D, elt, interpret, dkdv=False):
+    """Launch config for the backward kernels (dK, dV, Q, dO tiles on chip): ``dkdv`` for
+    ``prefix_attn_bwd_dkdv_kernel`` (BLOCK_N key rows a program, BLOCK_M query rows a step),
+    else ``prefix_attn_bwd_dq_kernel`` (the other way round). Spill-free on sm_90 and sm_80
+    in half precision under triton 3.6 and 3.9 (all 8 warps): 64 x 64 up to D = 32, 64 x 32 at
+    D = 64 (64 x 64 spilled 8-64 B on sm_80; 4 warps 16-56 B on sm_90), 32 x 64 at D = 128
+    (64 x 64 spilled 96-176 B), 32 x 32 at D = 256 (32 x 64: 488 B). dK / dV differ (triton
+    3.6 spilled them at 255 registers on two stages: 8 B causal at D <= 32, 16 B at D = 128):
+    one stage at D <= 32 (84-178 registers, was 122-255), 16-row query steps at D = 128 (the
+    key block and its wgmma stay 64 rows; 197-199 registers on two stages, was 255)."""
     BD = max(16, D)
     if interpret:
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
     if BD >= 256:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)
     if BD >= 128:
-        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)
+        return dict(BLOCK_M=16 if dkdv else 32, BLOCK_N=64, num_warps=8, num_stages=2)
     if BD == 64:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1)  # D <= 32: 64 x 32 spilled 8-40 B
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=1 if dkdv else 2)  # 64 x 32 spilled 8-40 B
 
 
 # The head dims the launchers block D to (ops/prefix_attention.py: next_pow2(D) >= 16, D <= 256).
@@ -432,6 +434,5 @@ def bwd_config_variants():
     for T in SIZES:
         for D in HEAD_DIM_BLOCKS:
             for elt, dtypes in ((2, HALF), (4, FP32)):
-                cfg = bwd_config(T, D, elt, False)
-                for kernel in ("prefix_attn_bwd_dq_kernel", "prefix_attn_bwd_dkdv_kernel"):
-                    yield variant(kernel, cfg, dtypes=dtypes, BLOCK_D=D)
+                for kernel, dkdv in (("prefix_attn_bwd_dq_kernel", False), ("prefix_attn_bwd_dkdv_kernel", True)):
+                    yield variant(kernel, bwd_config(T, D, elt, False, dkdv=dkdv), dtypes=dtypes, BLOCK_D=D)

@@ -340,6 +340,9 @@ def prefix_attention_bwd(
     dv = empty(v.shape, v.dtype, v.device)
     dpk = empty((B, Hkv, L, D), torch.float32, q.device)
     dpv = empty((B, Hkv, L, D), torch.float32, q.device)
+    cfg = kk.bwd_config(T, next_pow2(D), q.element_size(), interp, dkdv=True)
+    blocks = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+                  num_stages=cfg["num_stages"])
     n_blocks = -(-L // cfg["BLOCK_N"]) + -(-T // cfg["BLOCK_N"])
     kk.prefix_attn_bwd_dkdv_kernel[(n_blocks, B * Hkv)](
         q, k, v, prefix_k, prefix_v, gate, mask_arg, do, lse, delta, dk, dv, dpk, dpv,
