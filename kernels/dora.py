@@ -17,6 +17,8 @@ the LoRA GEMM / rank-r add (kernels/lora.py ``_rank_r_epilogue``, ``lora_rank_ad
 import triton
 import triton.language as tl
 
+from . import SIZES, enumerates, variant
+
 
 @triton.jit
 def dora_norm_kernel(
@@ -118,3 +120,16 @@ def grad_config(M, N, want_programs, interpret):
     rows_per_split = -(-m_blocks // splits) * block_m
     splits = max(1, -(-M // rows_per_split))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, splits=splits, rows_per_split=rows_per_split, num_warps=4)
+
+
+@enumerates(norm_config)
+def norm_config_variants():
+    """Every config norm_config returns (one: it does not depend on the shape), for compile-check."""
+    yield variant("dora_norm_kernel", norm_config(4096, 4096, False))
+
+
+@enumerates(grad_config)
+def grad_config_variants():
+    """Every config grad_config returns (its tiles do not depend on the shape; row splits are
+    run-time integers), for compile-check."""
+    yield variant("dora_grad_kernel", grad_config(max(SIZES), 4096, 264, False))
