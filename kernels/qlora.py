@@ -66,7 +66,10 @@ def gemv_config(M: int, N: int, interpret: bool, sms: int, half: bool = True) ->
     block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
     if interpret:
         return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=1)
-    block_n = 32 if -(-N // 32) >= sms else 16
+    # 32-wide column blocks where out / 32 still fills the SMs, from 17 rows: at 16 rows the
+    # 16 x 32 tile (with 256- or 128-deep K) spilled 8-152 B under triton 3.6 / 3.9 (compile-
+    # check's enumeration), so decode keeps 16 x 16 x 256 (64-128 registers, no spill).
+    block_n = 32 if M > 16 and -(-N // 32) >= sms else 16
     if not half:
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, num_warps=4, num_stages=2)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=256 if block_m <= 16 else 128, num_warps=4,
