@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 
 from .. import _dispatch
+from . import _summary
 from ..nn.lora import LoraLinear
 
 log = logging.getLogger("peftops")
@@ -248,14 +249,7 @@ def accelerate(model: nn.Module, *, return_summary: bool = False):
     if cfg is not None and getattr(cfg, "is_prompt_learning", False):
         summary.left["prompt_encoder"] = (f"{cfg.peft_type} is prompt learning (virtual tokens, no tuner layers): "
                                           "peft's own; see peftops.prefix_attention / PrefixEncoder")
-    if not summary.swapped and not summary.left:
-        log.warning("peftops.accelerate: no peft tuner layers found in %s", type(model).__name__)
-    elif summary.left:
-        log.warning("%s", summary)
-    else:
-        log.info("%s", summary)
-    model.peftops_summary = summary
-    return (model, summary) if return_summary else model
+    return _summary.attach(model, summary, "peft tuner layers", return_summary)
 
 
 def deaccelerate(model: nn.Module) -> nn.Module:

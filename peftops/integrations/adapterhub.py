@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 
 from .. import _dispatch
+from . import _summary
 from ..ops.adapter import ACTIVATIONS
 from ..ops.adapter import bottleneck_adapter
 from ..ops.fusion import adapter_fusion
@@ -598,14 +599,7 @@ def accelerate(model: nn.Module, *, return_summary: bool = False):
             "prefix attention now runs peftops.prefix_attention (every query sees the whole prefix, as AdapterHub's "
             "eager attention computes); AdapterHub 1.3's own sdpa path drops the prefix for early queries (is_causal "
             "over L + T keys, inverted bool prefix mask), so outputs differ from AdapterHub-with-sdpa there")
-    if not summary.swapped and not summary.left:
-        log.warning("peftops.accelerate: no AdapterHub adapters found in %s", type(model).__name__)
-    elif summary.left:
-        log.warning("%s", summary)
-    else:
-        log.info("%s", summary)
-    model.peftops_summary = summary
-    return (model, summary) if return_summary else model
+    return _summary.attach(model, summary, "AdapterHub adapters", return_summary)
 
 
 def deaccelerate(model: nn.Module) -> nn.Module:
